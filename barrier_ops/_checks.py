@@ -1,0 +1,179 @@
+"""Argument validation shared by the public API, the fake kernels and the reference.
+
+Every check raises ValueError (wrong shape or value) or TypeError (wrong dtype or
+type) and names the argument and what was expected. The C++ ops repeat these
+checks with TORCH_CHECK_VALUE/TORCH_CHECK_TYPE so that direct `torch.ops` calls
+fail just as clearly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coupling: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (SDPA layout [B, H, T, d]), got shape {_shape(t)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    B, H, T, d = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"q, k and v must share the batch size B, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if k.shape[2] != T or v.shape[2] != T:
+        raise ValueError(
+            f"q, k and v must share the sequence length T (dim 2), got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if k.shape[3] != d:
+        raise ValueError(
+            f"k must have the head dim d of q (dim 3), got q {_shape(q)} and k {_shape(k)}"
+        )
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"k and v must have the same number of kv heads (dim 1), got k {_shape(k)} and v {_shape(v)}"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads H={H} (q dim 1) must be a multiple of the kv heads Hkv={Hkv} (k dim 1)"
+        )
+    if d == 0:
+        raise ValueError("the head dim d must be at least 1")
+    dv = v.shape[3]
+    if coupling is None:
+        if dv != d:
+            raise ValueError(
+                f"coupling=None means A_h = I and needs v's head dim dv == d, got d={d}, dv={dv}; "
+                "pass a [H] or [H, d, dv] coupling"
+            )
+    else:
+        if not isinstance(coupling, torch.Tensor):
+            raise TypeError(
+                f"coupling must be None or a torch.Tensor, got {type(coupling).__name__}"
+            )
+        if coupling.dtype != q.dtype:
+            raise TypeError(
+                f"coupling must have the dtype of q ({q.dtype}), got {coupling.dtype}"
+            )
+        if coupling.device != q.device:
+            raise ValueError(
+                f"coupling must be on q's device {q.device}, got {coupling.device}"
+            )
+        if tuple(coupling.shape) not in ((H,), (H, d, dv)):
+            raise ValueError(
+                f"coupling must have shape [H]=[{H}] (per-head scalar) or [H, d, dv]=[{H}, {d}, {dv}], "
+                f"got {_shape(coupling)}"
+            )
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(
+                f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
+            )
+        if tuple(key_padding_mask.shape) != (B, T):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, T]=[{B}, {T}], got {_shape(key_padding_mask)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}"
+            )
+
+
+def resolve_scale(scale: Optional[float], d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    return scale
+
+
+def check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return eps
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+    return reduction
+
+
+def check_margins_and_mask(
+    margins: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+) -> None:
+    if not isinstance(margins, torch.Tensor):
+        raise TypeError(f"margins must be a torch.Tensor, got {type(margins).__name__}")
+    if not margins.is_floating_point():
+        raise TypeError(f"margins must be a floating-point tensor, got {margins.dtype}")
+    if margins.dim() not in (2, 3):
+        raise ValueError(
+            f"margins must be [B, T] or [B, H, T], got shape {_shape(margins)}"
+        )
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(
+            f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
+        )
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
+        )
+    B, T = margins.shape[0], margins.shape[-1]
+    if tuple(key_padding_mask.shape) != (B, T):
+        raise ValueError(
+            f"key_padding_mask must have shape [B, T]=[{B}, {T}] to match margins {_shape(margins)}, "
+            f"got {_shape(key_padding_mask)}"
+        )
+    if key_padding_mask.device != margins.device:
+        raise ValueError(
+            f"key_padding_mask must be on margins' device {margins.device}, got {key_padding_mask.device}"
+        )
+
+
+def margin_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Margins and losses are float32, or float64 for float64 inputs."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32

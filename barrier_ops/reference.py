@@ -1,0 +1,191 @@
+"""Pure-PyTorch reference of the margin barrier (the test oracle).
+
+This materialises the T x T attention matrix and relies on autograd for the
+gradients, so it is slow and memory-hungry (O(B*H*T^2)), but it reads like the
+math in ``shared/spec/barrier-math.md``:
+
+    z_ts    = c <q_t, k_s>                 (allowed s only)
+    alpha_t = softmax_s(z_t)
+    w_s     = A_h v_s,  g_s = <k_s, w_s>
+    kappa_t = c (sum_s alpha_ts g_s - <kbar_t, wbar_t>)
+    m_t     = 1 - kappa_t                  (or 1 - sum_h kappa_t with combine_heads)
+
+It computes in float32 (float64 for float64 inputs), like the fused kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _checks
+
+__all__ = [
+    "apply_coupling",
+    "valid_positions",
+    "token_kappa_reference",
+    "token_margins_reference",
+    "psi",
+    "margin_barrier_loss_reference",
+    "support_token_argmin_reference",
+]
+
+
+def apply_coupling(v: torch.Tensor, coupling: Optional[torch.Tensor]) -> torch.Tensor:
+    """w = A_h v for v of shape [B, H, T, dv] (already one slice per query head)."""
+    if coupling is None:
+        return v
+    if coupling.dim() == 1:
+        return v * coupling.view(1, -1, 1, 1)
+    return torch.einsum("bhtv,hdv->bhtd", v, coupling)
+
+
+def valid_positions(
+    B: int,
+    T: int,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """[B, T] bool: the query is a real token and has at least one allowed key."""
+    if key_padding_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if causal:
+        has_key = torch.cummax(key_padding_mask.to(torch.uint8), dim=1).values.bool()
+    else:
+        has_key = key_padding_mask.any(dim=1, keepdim=True).expand(B, T)
+    return key_padding_mask & has_key
+
+
+def token_kappa_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    coupling: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-head kappa [B, H, T] (0 at invalid positions) and validity [B, T]."""
+    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    B, H, T, d = q.shape
+    c = _checks.resolve_scale(scale, d)
+    acc = _checks.margin_dtype(q.dtype)
+    group = H // k.shape[1]
+    q = q.to(acc)
+    k_h = k.to(acc).repeat_interleave(group, dim=1)
+    v_h = v.to(acc).repeat_interleave(group, dim=1)
+    w = apply_coupling(v_h, None if coupling is None else coupling.to(acc))
+
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.tril(allowed)
+    allowed = allowed.view(1, 1, T, T)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.view(B, 1, 1, T)
+
+    z = c * torch.matmul(q, k_h.transpose(-1, -2))
+    # A finite fill keeps rows with no allowed key free of NaN in value and gradient.
+    z = z.masked_fill(~allowed, torch.finfo(acc).min)
+    alpha = torch.softmax(z, dim=-1) * allowed
+
+    g = (k_h * w).sum(-1)  # [B, H, T]
+    kbar = torch.matmul(alpha, k_h)
+    wbar = torch.matmul(alpha, w)
+    kappa = c * (torch.matmul(alpha, g.unsqueeze(-1)).squeeze(-1) - (kbar * wbar).sum(-1))
+
+    valid = valid_positions(B, T, causal, key_padding_mask, q.device)
+    kappa = torch.where(valid.view(B, 1, T), kappa, torch.zeros((), dtype=acc, device=q.device))
+    return kappa, valid
+
+
+def token_margins_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    coupling: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    combine_heads: bool = False,
+) -> torch.Tensor:
+    """Reference of :func:`barrier_ops.token_margins`."""
+    kappa, _ = token_kappa_reference(
+        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask
+    )
+    if combine_heads:
+        return 1.0 - kappa.sum(dim=1)
+    return 1.0 - kappa
+
+
+def psi(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """Smooth log-barrier: -log m for m >= eps, its C2 quadratic extension below."""
+    safe = torch.clamp(m, min=eps)
+    t = (m - eps) / eps
+    below = -torch.log(torch.tensor(eps, dtype=m.dtype, device=m.device)) - t + 0.5 * t * t
+    return torch.where(m >= eps, -torch.log(safe), below)
+
+
+def margin_barrier_loss_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    coupling: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    combine_heads: bool = False,
+    eps: float = 1e-2,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Reference of :func:`barrier_ops.margin_barrier_loss`."""
+    eps = _checks.check_eps(eps)
+    _checks.check_reduction(reduction)
+    kappa, valid = token_kappa_reference(
+        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask
+    )
+    if combine_heads:
+        margins = 1.0 - kappa.sum(dim=1)
+        valid_b = valid
+    else:
+        margins = 1.0 - kappa
+        valid_b = valid.unsqueeze(1).expand_as(margins)
+    barrier = torch.where(valid_b, psi(margins, eps), torch.zeros_like(margins))
+    if reduction == "none":
+        return barrier
+    total = barrier.sum()
+    if reduction == "sum":
+        return total
+    count = valid_b.sum()
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def support_token_argmin_reference(
+    margins: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`barrier_ops.support_token_argmin` (by sorting, not a fused kernel)."""
+    _checks.check_margins_and_mask(margins, key_padding_mask)
+    T = margins.shape[-1]
+    m = margins.detach()
+    if key_padding_mask is not None:
+        mask = key_padding_mask if m.dim() == 2 else key_padding_mask.unsqueeze(1)
+        m = torch.where(mask, m, torch.full_like(m, float("inf")))
+    # A NaN margin would win no comparison and could hide the real minimum; treat it as +inf.
+    m = torch.nan_to_num(m, nan=float("inf"))
+    if T == 0:
+        shape = m.shape[:-1]
+        return (
+            torch.full(shape, -1, dtype=torch.int64, device=m.device),
+            torch.full(shape, float("inf"), dtype=m.dtype, device=m.device),
+        )
+    values, _ = m.min(dim=-1)
+    positions = torch.arange(T, device=m.device).expand_as(m)
+    hits = torch.where(m == values.unsqueeze(-1), positions, torch.full_like(positions, T))
+    indices = hits.min(dim=-1).values
+    empty = torch.isinf(values) & (values > 0)
+    indices = torch.where(empty, torch.full_like(indices, -1), indices)
+    return indices, values

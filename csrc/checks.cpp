@@ -1,0 +1,127 @@
+// Argument checks shared by every op and backend. They mirror
+// barrier_ops/_checks.py so that direct torch.ops calls fail as clearly as
+// the Python API: ValueError for shapes and values, TypeError for dtypes.
+#include "barrier_ops.h"
+
+#include <cmath>
+
+namespace barrier_ops {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_mask(const std::optional<at::Tensor>& key_padding_mask, int64_t B, int64_t T,
+                const at::Device& device, const char* reference_name) {
+  if (!key_padding_mask.has_value()) return;
+  const at::Tensor& mask = *key_padding_mask;
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool,
+                   "key_padding_mask must be a bool tensor (True = real token), got ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T,
+                    "key_padding_mask must have shape [B, T]=[", B, ", ", T, "], got ",
+                    mask.sizes());
+  TORCH_CHECK_VALUE(mask.device() == device, "key_padding_mask must be on ", reference_name,
+                    "'s device ", device, ", got ", mask.device());
+}
+
+}  // namespace
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& coupling,
+                            const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const std::pair<const char*, const at::Tensor*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_VALUE(t->dim() == 4, name,
+                      " must have 4 dimensions (SDPA layout [B, H, T, d]), got shape ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), name,
+                     " must be float32, float64, bfloat16 or float16, got ", t->scalar_type());
+  }
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "q, k and v must share one dtype, got q ", q.scalar_type(), ", k ",
+                   k.scalar_type(), ", v ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
+                    "q, k and v must be on one device, got q on ", q.device(), ", k on ",
+                    k.device(), ", v on ", v.device());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B,
+                    "q, k and v must share the batch size B, got q ", q.sizes(), ", k ",
+                    k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(2) == T && v.size(2) == T,
+                    "q, k and v must share the sequence length T (dim 2), got q ", q.sizes(),
+                    ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == d, "k must have the head dim d of q (dim 3), got q ", q.sizes(),
+                    " and k ", k.sizes());
+  TORCH_CHECK_VALUE(v.size(1) == k.size(1),
+                    "k and v must have the same number of kv heads (dim 1), got k ", k.sizes(),
+                    " and v ", v.sizes());
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK_VALUE(H >= 1, "q must have at least one head (dim 1), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "the number of query heads H=", H,
+                    " (q dim 1) must be a multiple of the kv heads Hkv=", Hkv, " (k dim 1)");
+  TORCH_CHECK_VALUE(d >= 1, "the head dim d must be at least 1");
+  const int64_t dv = v.size(3);
+  if (!coupling.has_value()) {
+    TORCH_CHECK_VALUE(dv == d,
+                      "coupling=None means A_h = I and needs v's head dim dv == d, got d=", d,
+                      ", dv=", dv, "; pass a [H] or [H, d, dv] coupling");
+  } else {
+    const at::Tensor& A = *coupling;
+    TORCH_CHECK_TYPE(A.scalar_type() == q.scalar_type(), "coupling must have the dtype of q (",
+                     q.scalar_type(), "), got ", A.scalar_type());
+    TORCH_CHECK_VALUE(A.device() == q.device(), "coupling must be on q's device ", q.device(),
+                      ", got ", A.device());
+    const bool per_head_scalar = A.dim() == 1 && A.size(0) == H;
+    const bool per_head_matrix =
+        A.dim() == 3 && A.size(0) == H && A.size(1) == d && A.size(2) == dv;
+    TORCH_CHECK_VALUE(per_head_scalar || per_head_matrix, "coupling must have shape [H]=[", H,
+                      "] (per-head scalar) or [H, d, dv]=[", H, ", ", d, ", ", dv, "], got ",
+                      A.sizes());
+  }
+  check_mask(key_padding_mask, B, T, q.device(), "q");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ",
+                    scale);
+}
+
+void check_margins_and_mask(const at::Tensor& margins,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK_TYPE(at::isFloatingType(margins.scalar_type()),
+                   "margins must be a floating-point tensor, got ", margins.scalar_type());
+  TORCH_CHECK_VALUE(margins.dim() == 2 || margins.dim() == 3,
+                    "margins must be [B, T] or [B, H, T], got shape ", margins.sizes());
+  check_mask(key_padding_mask, margins.size(0), margins.size(-1), margins.device(), "margins");
+}
+
+void check_saved_state(const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& kappa,
+                       const at::Tensor& lse, const at::Tensor& stats) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const std::pair<const char*, const at::Tensor*> per_token[] = {
+      {"grad_kappa", &grad_kappa}, {"kappa", &kappa}, {"lse", &lse}};
+  for (const auto& [name, t] : per_token) {
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == H && t->size(2) == T,
+                      name, " must have shape [B, H, T]=[", B, ", ", H, ", ", T, "], got ",
+                      t->sizes());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on q's device ", q.device(),
+                      ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == B && stats.size(1) == H &&
+                        stats.size(2) == T && stats.size(3) == 2 * d,
+                    "stats must have shape [B, H, T, 2d]=[", B, ", ", H, ", ", T, ", ", 2 * d,
+                    "], got ", stats.sizes());
+  TORCH_CHECK_VALUE(stats.device() == q.device(), "stats must be on q's device ", q.device(),
+                    ", got ", stats.device());
+  const std::pair<const char*, const at::Tensor*> saved[] = {
+      {"kappa", &kappa}, {"lse", &lse}, {"stats", &stats}};
+  for (const auto& [name, t] : saved) {
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must have the accumulation dtype ", acc,
+                     " of the forward, got ", t->scalar_type());
+  }
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_kappa.scalar_type()),
+                   "grad_kappa must be floating point, got ", grad_kappa.scalar_type());
+}
+
+}  // namespace barrier_ops

@@ -1,0 +1,68 @@
+// support_token_argmin: the smallest margin over the token dimension, valid
+// positions only. One pass per row, ties to the smallest index, -1 / +inf for
+// a row with no valid position. NaN margins are skipped like padding, so one
+// bad value cannot hide the real support token.
+#include "barrier_ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+namespace barrier_ops {
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> support_token_argmin_cpu(
+    const at::Tensor& margins, const std::optional<at::Tensor>& key_padding_mask) {
+  check_margins_and_mask(margins, key_padding_mask);
+  const int64_t B = margins.size(0), T = margins.size(-1);
+  const int64_t heads = margins.dim() == 3 ? margins.size(1) : 1;
+  const at::Tensor m = margins.contiguous();
+  const at::Tensor mask =
+      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const auto row_shape = margins.sizes().slice(0, margins.dim() - 1);
+  at::Tensor indices = at::empty(row_shape, margins.options().dtype(at::kLong));
+  at::Tensor values = at::empty(row_shape, margins.options());
+  const int64_t rows = B * heads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, m.scalar_type(),
+                                  "support_token_argmin_cpu", [&] {
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    int64_t* ip = indices.data_ptr<int64_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = mp + r * T;
+        const bool* mask_row = mask_ptr ? mask_ptr + (r / heads) * T : nullptr;
+        int64_t best = -1;
+        double best_value = std::numeric_limits<double>::infinity();
+        for (int64_t t = 0; t < T; ++t) {
+          if (mask_row && !mask_row[t]) continue;
+          const double x = static_cast<double>(row[t]);
+          // Strict < keeps the first index on ties; NaN never compares less.
+          if (x < best_value || (best < 0 && x == best_value)) {
+            best = t;
+            best_value = x;
+          }
+        }
+        ip[r] = best;
+        vp[r] = static_cast<scalar_t>(best_value);
+      }
+    });
+  });
+  return {indices, values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(barrier_ops, m) {
+  m.def("support_token_argmin(Tensor margins, Tensor? key_padding_mask) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(barrier_ops, CPU, m) {
+  m.impl("support_token_argmin", &support_token_argmin_cpu);
+}
+
+}  // namespace barrier_ops

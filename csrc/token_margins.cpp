@@ -1,0 +1,387 @@
+// token_margins and its backward: schemas, the device-generic parts, and the
+// fused CPU cores (flash-attention style: query blocks in parallel, an online
+// softmax over key blocks, never a T x T buffer).
+#include "barrier_ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace barrier_ops {
+
+namespace {
+
+// Block sizes trade GEMM efficiency (larger blocks) against scratch per
+// thread; 64 x 128 keeps each block's scores inside L2 for d up to 256.
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 128;
+
+// w = A_h v for every query head, in the accumulation dtype. GQA: query head
+// h reads kv head h / (H / Hkv), so v is repeated per group first.
+at::Tensor coupled_values(const at::Tensor& v, const std::optional<at::Tensor>& coupling,
+                          int64_t H) {
+  const auto acc = accumulation_dtype(v.scalar_type());
+  const int64_t group = H / v.size(1);
+  at::Tensor v_h = v.to(acc);
+  if (group > 1) v_h = v_h.repeat_interleave(group, 1);
+  if (!coupling.has_value()) return v_h;
+  const at::Tensor A = coupling->to(acc);
+  if (A.dim() == 1) return v_h * A.view({1, H, 1, 1});
+  return at::matmul(v_h, A.transpose(-1, -2));  // [B,H,T,dv] x [H,dv,d]
+}
+
+// Keys packed per query head as [k | w | g] with g_s = <k_s, w_s>: one GEMM of
+// the softmax weights against this gives sum(alpha k), sum(alpha w) and
+// sum(alpha g) together.
+at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
+  const auto acc = accumulation_dtype(k.scalar_type());
+  const int64_t group = H / k.size(1);
+  at::Tensor k_h = k.to(acc);
+  if (group > 1) k_h = k_h.repeat_interleave(group, 1);
+  const at::Tensor w_a = w.to(acc);
+  const at::Tensor g = (k_h * w_a).sum(-1, /*keepdim=*/true);
+  return at::cat({k_h, w_a, g}, -1).contiguous();
+}
+
+inline bool key_allowed(bool causal, const bool* mask_row, int64_t s, int64_t t) {
+  return (!causal || s <= t) && (mask_row == nullptr || mask_row[s]);
+}
+
+template <typename scalar_t>
+void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, int64_t t0,
+                         int64_t nq, int64_t T, int64_t d, double scale_d, bool causal,
+                         const bool* mask_row, at::Tensor& scores_buf, at::Tensor& accum_buf,
+                         scalar_t* kappa, scalar_t* lse, scalar_t* stats) {
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t width = 2 * d + 1;
+  std::vector<scalar_t> row_max(nq, neg_inf), row_sum(nq, 0);
+  at::Tensor accum = accum_buf.narrow(0, 0, nq);
+  accum.zero_();
+  scalar_t* accum_ptr = accum.data_ptr<scalar_t>();
+  const int64_t accum_ld = accum.stride(0);
+  // Causal: keys after the block's last query are never allowed, so those
+  // blocks are skipped rather than computed and masked.
+  const int64_t key_end = causal ? t0 + nq : T;
+  for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, key_end - s0);
+    const at::Tensor key_rows = packed.narrow(0, s0, nk);
+    at::Tensor scores = scores_buf.narrow(0, 0, nq).narrow(1, 0, nk);
+    at::mm_out(scores, q_block, key_rows.narrow(1, 0, d).t());
+    scalar_t* sp = scores.data_ptr<scalar_t>();
+    const int64_t ld = scores.stride(0);
+    const bool all_allowed = (!causal || s0 + nk - 1 <= t0) && mask_row == nullptr;
+    for (int64_t i = 0; i < nq; ++i) {
+      scalar_t* row = sp + i * ld;
+      const int64_t t = t0 + i;
+      scalar_t block_max = neg_inf;
+      for (int64_t j = 0; j < nk; ++j) {
+        const bool ok = all_allowed || key_allowed(causal, mask_row, s0 + j, t);
+        const scalar_t z = ok ? scale * row[j] : neg_inf;
+        row[j] = z;
+        block_max = std::max(block_max, z);
+      }
+      if (block_max == neg_inf) {
+        std::fill(row, row + nk, scalar_t(0));
+        continue;
+      }
+      const scalar_t new_max = std::max(row_max[i], block_max);
+      const scalar_t correction = std::exp(row_max[i] - new_max);
+      scalar_t block_sum = 0;
+      for (int64_t j = 0; j < nk; ++j) {
+        const scalar_t p = std::exp(row[j] - new_max);
+        row[j] = p;
+        block_sum += p;
+      }
+      row_sum[i] = row_sum[i] * correction + block_sum;
+      row_max[i] = new_max;
+      if (correction != scalar_t(1)) {
+        scalar_t* acc_row = accum_ptr + i * accum_ld;
+        for (int64_t c = 0; c < width; ++c) acc_row[c] *= correction;
+      }
+    }
+    accum.addmm_(scores, key_rows);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t t = t0 + i;
+    const bool valid = row_sum[i] > 0 && (mask_row == nullptr || mask_row[t]);
+    if (!valid) continue;  // outputs keep their "invalid" fill: kappa 0, lse -inf, stats 0
+    const scalar_t inv = scalar_t(1) / row_sum[i];
+    const scalar_t* acc_row = accum_ptr + i * accum_ld;
+    scalar_t* stat_row = stats + t * 2 * d;
+    scalar_t kw = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      const scalar_t kbar = acc_row[c] * inv;
+      const scalar_t wbar = acc_row[d + c] * inv;
+      stat_row[c] = kbar;
+      stat_row[d + c] = wbar;
+      kw += kbar * wbar;
+    }
+    kappa[t] = scale * (acc_row[2 * d] * inv - kw);
+    lse[t] = row_max[i] + std::log(row_sum[i]);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const auto opts = q.options().dtype(acc);
+  const at::Tensor q_a = q.to(acc).contiguous();
+  const at::Tensor packed = pack_keys(k, w, H);
+  const at::Tensor mask =
+      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor kappa = at::zeros({B, H, T}, opts);
+  at::Tensor lse = at::full({B, H, T}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor stats = at::zeros({B, H, T, 2 * d}, opts);
+  const int64_t n_qblocks = (T + kQueryBlock - 1) / kQueryBlock;
+  if (B * H * n_qblocks == 0) return {kappa, lse, stats};
+  AT_DISPATCH_FLOATING_TYPES(acc, "kappa_forward_cpu", [&] {
+    const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    scalar_t* kappa_ptr = kappa.data_ptr<scalar_t>();
+    scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+    scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor scores_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
+      at::Tensor accum_buf = at::empty({kQueryBlock, 2 * d + 1}, opts);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / n_qblocks, b = bh / H, h = bh % H;
+        const int64_t t0 = (task % n_qblocks) * kQueryBlock;
+        const int64_t nq = std::min(kQueryBlock, T - t0);
+        const bool* mask_row = mask_ptr ? mask_ptr + b * T : nullptr;
+        if (mask_row && std::none_of(mask_row + t0, mask_row + t0 + nq, [](bool x) { return x; }))
+          continue;  // every query of the block is padding: no margins to compute
+        forward_query_block<scalar_t>(q_a[b][h].narrow(0, t0, nq), packed[b][h], t0, nq, T, d,
+                                      scale, causal, mask_row, scores_buf, accum_buf,
+                                      kappa_ptr + bh * T, lse_ptr + bh * T,
+                                      stats_ptr + bh * T * 2 * d);
+      }
+    });
+  });
+  return {kappa, lse, stats};
+}
+
+namespace {
+
+// Backward of one (b, h): query blocks outer, key blocks inner, from the
+// spec's formulas with alpha recomputed from the saved lse. Key-side sums
+// (sum_t dz q_t, sum_t Pb [kbar|wbar], coef) land in this (b, h)'s own rows,
+// so (b, h) tasks never race.
+template <typename scalar_t>
+void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::Tensor& stats_h,
+                   const scalar_t* beta, const scalar_t* kappa, const scalar_t* lse, int64_t T,
+                   int64_t d, double scale_d, bool causal, const bool* mask_row,
+                   at::Tensor& dq_h, at::Tensor& kq_h, at::Tensor& bars_h, scalar_t* coef,
+                   at::Tensor& scores_buf, at::Tensor& cross_buf, at::Tensor& dq_buf) {
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const int64_t width = 2 * d + 1;
+  const scalar_t* g = packed_h.data_ptr<scalar_t>() + 2 * d;  // g_s sits at packed[s, 2d]
+  const scalar_t* stats_ptr = stats_h.data_ptr<scalar_t>();
+  std::vector<scalar_t> hbar(kQueryBlock);
+  for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock) {
+    const int64_t nq = std::min(kQueryBlock, T - t0);
+    bool any_active = false;
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t t = t0 + i;
+      const bool active = std::isfinite(lse[t]) && beta[t] != scalar_t(0);
+      any_active = any_active || active;
+      scalar_t kw = 0;
+      const scalar_t* stat_row = stats_ptr + t * 2 * d;
+      for (int64_t c = 0; c < d; ++c) kw += stat_row[c] * stat_row[d + c];
+      hbar[i] = kappa[t] / scale - kw;
+    }
+    if (!any_active) continue;
+    const at::Tensor q_block = q_h.narrow(0, t0, nq);
+    const at::Tensor stats_block = stats_h.narrow(0, t0, nq);
+    const at::Tensor kbar_block = stats_block.narrow(1, 0, d);
+    const at::Tensor wbar_block = stats_block.narrow(1, d, d);
+    at::Tensor dq_acc = dq_buf.narrow(0, 0, nq);
+    dq_acc.zero_();
+    const int64_t key_end = causal ? t0 + nq : T;
+    for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, key_end - s0);
+      const at::Tensor key_rows = packed_h.narrow(0, s0, nk);
+      const at::Tensor k_block = key_rows.narrow(1, 0, d);
+      const at::Tensor w_block = key_rows.narrow(1, d, d);
+      at::Tensor scores = scores_buf.narrow(0, 0, nq).narrow(1, 0, nk);
+      at::Tensor cross = cross_buf.narrow(0, 0, nq).narrow(1, 0, nk);
+      at::mm_out(scores, q_block, k_block.t());
+      // cross_ts = <kbar_t, w_s> + <wbar_t, k_s>, so h_ts = g_s - cross_ts.
+      at::mm_out(cross, kbar_block, w_block.t());
+      cross.addmm_(wbar_block, k_block.t());
+      scalar_t* sp = scores.data_ptr<scalar_t>();
+      scalar_t* cp = cross.data_ptr<scalar_t>();
+      const int64_t lds = scores.stride(0), ldc = cross.stride(0);
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t t = t0 + i;
+        scalar_t* srow = sp + i * lds;
+        scalar_t* crow = cp + i * ldc;
+        const bool active = std::isfinite(lse[t]) && beta[t] != scalar_t(0);
+        const scalar_t row_lse = lse[t];
+        const scalar_t beta_c = beta[t] * scale;
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t s = s0 + j;
+          scalar_t pb = 0, dz = 0;
+          if (active && key_allowed(causal, mask_row, s, t)) {
+            const scalar_t alpha = std::exp(scale * srow[j] - row_lse);
+            pb = beta_c * alpha;
+            dz = pb * (g[s * width] - crow[j] - hbar[i]);
+          }
+          srow[j] = dz;  // scores now hold dz_ts
+          crow[j] = pb;  // cross now holds Pb_ts = beta_t c alpha_ts
+          coef[s] += pb;
+        }
+      }
+      dq_acc.addmm_(scores, k_block);
+      kq_h.narrow(0, s0, nk).addmm_(scores.t(), q_block);
+      bars_h.narrow(0, s0, nk).addmm_(cross.t(), stats_block);
+    }
+    dq_h.narrow(0, t0, nq).copy_(dq_acc).mul_(scale);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
+    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const auto opts = q.options().dtype(acc);
+  const at::Tensor q_a = q.to(acc).contiguous();
+  const at::Tensor packed = pack_keys(k, w, H);
+  const at::Tensor beta = grad_kappa.to(acc).contiguous();
+  const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
+  const at::Tensor mask =
+      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor dq = at::zeros({B, H, T, d}, opts);
+  at::Tensor kq = at::zeros({B, H, T, d}, opts);        // sum_t dz_ts q_t
+  at::Tensor bars = at::zeros({B, H, T, 2 * d}, opts);  // sum_t Pb_ts [kbar_t | wbar_t]
+  at::Tensor coef = at::zeros({B, H, T}, opts);         // sum_t Pb_ts
+  if (B * H * T > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "kappa_backward_cpu", [&] {
+      const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      const scalar_t* beta_ptr = beta.data_ptr<scalar_t>();
+      const scalar_t* kappa_ptr = kappa_c.data_ptr<scalar_t>();
+      const scalar_t* lse_ptr = lse_c.data_ptr<scalar_t>();
+      scalar_t* coef_ptr = coef.data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor scores_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
+        at::Tensor cross_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
+        at::Tensor dq_buf = at::empty({kQueryBlock, d}, opts);
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t b = bh / H, h = bh % H;
+          at::Tensor dq_h = dq[b][h], kq_h = kq[b][h], bars_h = bars[b][h];
+          backward_head<scalar_t>(q_a[b][h], packed[b][h], stats_c[b][h], beta_ptr + bh * T,
+                                  kappa_ptr + bh * T, lse_ptr + bh * T, T, d, scale, causal,
+                                  mask_ptr ? mask_ptr + b * T : nullptr, dq_h, kq_h, bars_h,
+                                  coef_ptr + bh * T, scores_buf, cross_buf, dq_buf);
+        }
+      });
+    });
+  }
+  const at::Tensor k_h = packed.narrow(-1, 0, d);
+  const at::Tensor w_h = packed.narrow(-1, d, d);
+  const at::Tensor coef_col = coef.unsqueeze(-1);
+  // dk_s = c sum_t dz q_t + coef_s w_s - sum_t Pb wbar_t ; dw_s = coef_s k_s - sum_t Pb kbar_t
+  at::Tensor dk = kq.mul_(scale).addcmul_(coef_col, w_h).sub_(bars.narrow(-1, d, d));
+  at::Tensor dw = (coef_col * k_h).sub_(bars.narrow(-1, 0, d));
+  return {dq, dk, dw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_with(
+    KappaForwardFn core, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& coupling, double scale, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool combine_heads) {
+  check_attention_inputs(q, k, v, coupling, key_padding_mask, scale);
+  const at::Tensor w = coupled_values(v, coupling, q.size(1)).to(q.scalar_type());
+  auto [kappa, lse, stats] = core(q, k, w, scale, causal, key_padding_mask);
+  // Invalid positions carry kappa = 0, so their margin is exactly 1.
+  at::Tensor margins = combine_heads ? at::rsub(kappa.sum(1), 1.0) : at::rsub(kappa, 1.0);
+  return {margins, kappa, lse, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backward_with(
+    KappaBackwardFn core, const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& coupling, double scale, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
+    const at::Tensor& lse, const at::Tensor& stats) {
+  check_attention_inputs(q, k, v, coupling, key_padding_mask, scale);
+  check_saved_state(grad_kappa, q, kappa, lse, stats);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), group = H / Hkv, dv_dim = v.size(3);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const at::Tensor w = coupled_values(v, coupling, H).to(q.scalar_type());
+  auto [dq, dk_h, dw] = core(grad_kappa.to(acc), q, k, w, kappa, lse, stats, scale, causal,
+                             key_padding_mask);
+  // A kv head's gradient is the sum over the query heads of its group.
+  at::Tensor dk = dk_h.view({B, Hkv, group, T, d}).sum(2);
+  at::Tensor dv_h;
+  at::Tensor dcoupling;
+  if (!coupling.has_value()) {
+    dv_h = dw;
+    dcoupling = at::empty({0}, q.options());
+  } else {
+    at::Tensor v_h = v.to(acc);
+    if (group > 1) v_h = v_h.repeat_interleave(group, 1);
+    const at::Tensor A = coupling->to(acc);
+    if (A.dim() == 1) {
+      dv_h = dw * A.view({1, H, 1, 1});
+      dcoupling = (dw * v_h).sum({0, 2, 3});
+    } else {
+      dv_h = at::matmul(dw, A);  // dv_s = A^T dw_s : [B,H,T,d] x [H,d,dv]
+      dcoupling = at::matmul(dw.transpose(-1, -2), v_h).sum(0);  // sum_s dw_s v_s^T
+    }
+    dcoupling = dcoupling.to(coupling->scalar_type());
+  }
+  at::Tensor dv = dv_h.reshape({B, Hkv, group, T, dv_dim}).sum(2);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dcoupling};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& coupling, double scale, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, bool combine_heads) {
+  return token_margins_with(&kappa_forward_cpu, q, k, v, coupling, scale, causal,
+                            key_padding_mask, combine_heads);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backward_cpu(
+    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& coupling, double scale, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
+    const at::Tensor& lse, const at::Tensor& stats) {
+  return token_margins_backward_with(&kappa_backward_cpu, grad_kappa, q, k, v, coupling, scale,
+                                     causal, key_padding_mask, kappa, lse, stats);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(barrier_ops, m) {
+  m.def(
+      "token_margins(Tensor q, Tensor k, Tensor v, Tensor? coupling, float scale, bool causal, "
+      "Tensor? key_padding_mask, bool combine_heads) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "token_margins_backward(Tensor grad_kappa, Tensor q, Tensor k, Tensor v, Tensor? coupling, "
+      "float scale, bool causal, Tensor? key_padding_mask, Tensor kappa, Tensor lse, "
+      "Tensor stats) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(barrier_ops, CPU, m) {
+  m.impl("token_margins", &token_margins_cpu);
+  m.impl("token_margins_backward", &token_margins_backward_cpu);
+}
+
+}  // namespace barrier_ops

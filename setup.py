@@ -1,0 +1,67 @@
+"""Build of barrier_ops._C: the C++ ops, plus the CUDA kernels when possible.
+
+CUDA sources (csrc/cuda/) are compiled whenever a CUDA toolkit and a CUDA
+build of torch are present, with or without a GPU. Switches:
+
+    BARRIER_OPS_CUDA=auto|1|0   auto (default) builds CUDA when possible;
+                                1 requires it (fails if impossible); 0 skips it.
+    TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" (Ampere and Hopper).
+    MAX_JOBS                    parallel compile jobs (ninja).
+    BARRIER_OPS_DEBUG=1         -O0 -g builds for debugging.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("BARRIER_OPS_CUDA", "auto").strip().lower()
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if mode in ("1", "true", "yes", "on"):
+        if not possible:
+            raise RuntimeError(
+                "BARRIER_OPS_CUDA=1 but no CUDA build is possible: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+            )
+        return True
+    if mode != "auto":
+        raise ValueError(f"BARRIER_OPS_CUDA must be auto, 1 or 0, got {mode!r}")
+    return possible
+
+
+def _extension():
+    debug = os.environ.get("BARRIER_OPS_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    extra = {"cxx": opt + ["-fdiagnostics-color=always"]}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        extra["cxx"].append("-DBARRIER_OPS_WITH_CUDA")
+        extra["nvcc"] = opt + ["-lineinfo", "-DBARRIER_OPS_WITH_CUDA", "--expt-relaxed-constexpr"]
+        return CUDAExtension(
+            "barrier_ops._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
+            libraries=["cublasLt", "cublas"],
+        )
+    return CppExtension(
+        "barrier_ops._C", sources, include_dirs=include_dirs, extra_compile_args=extra
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
