@@ -1,0 +1,161 @@
+"""One-line training integration: ``barrier_ops.attach(model, weight=0.02)``.
+
+Supported models:
+* Hugging Face transformers models whose attention dispatches through
+  ``AttentionInterface`` (GPT-2, Llama / Mistral / Qwen-style GQA models, ...):
+  see :mod:`barrier_ops.integrations.hf`. transformers is imported only when
+  such a model is attached.
+* nanoGPT-style models (``CausalSelfAttention`` with ``c_attn``, ``c_proj``,
+  ``n_head``): see :mod:`barrier_ops.integrations.nanogpt`.
+
+The HF ``BarrierStatsCallback`` and ``add_stats_callback`` are importable from
+here and import transformers on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from ._core import HANDLE_ATTR, BarrierHandle, BarrierStats, LayerStats, check_options
+
+__all__ = [
+    "attach",
+    "detach",
+    "get_handle",
+    "BarrierHandle",
+    "BarrierStats",
+    "LayerStats",
+    "BarrierStatsCallback",
+    "add_stats_callback",
+]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / FSDP1 (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
+        ):
+            model = inner
+            continue
+        return model
+
+
+def _is_hf(model: nn.Module) -> bool:
+    if "transformers" not in sys.modules:  # an HF model cannot exist without it
+        return False
+    from . import hf
+
+    return hf.is_hf_model(model)
+
+
+def attach(
+    model: nn.Module,
+    weight: float = 0.02,
+    *,
+    layers: Optional[Union[int, str, Sequence[Union[int, str]]]] = None,
+    coupling: str = "identity",
+    combine_heads: bool = False,
+    eps: float = 1e-2,
+    track_stats: bool = True,
+) -> BarrierHandle:
+    """Add ``weight * mean_over_layers(margin barrier)`` to the loss ``model`` returns.
+
+    After this call, every forward computes :func:`barrier_ops.margin_barrier_loss`
+    from each selected attention layer's own q, k, v (the fused op; its
+    gradients reach the model through q, k, v and, with ``coupling="weights"``,
+    the projection weights) and adds the weighted mean over layers to the
+    returned loss: ``ModelOutput.loss`` for transformers models, the ``loss`` of
+    a nanoGPT ``(logits, loss)`` tuple. Logits are unchanged; a forward without
+    labels/targets returns no loss and gets none, but statistics are recorded.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` or a nanoGPT-style model
+            (wrappers from DDP, FSDP1 and torch.compile are looked through;
+            attach before wrapping when you can).
+        weight: lambda, the barrier's weight (the paper's best was about 0.02).
+        layers: which attention layers: None (all), or positions (ints, in
+            module order; negative counts from the end) and/or module names.
+        coupling: ``"identity"`` (``A_h = I``) or ``"weights"`` (the exact
+            ``A_h = W_Q^h W_O^h`` built from the layer's projections inside the
+            forward and differentiated through).
+        combine_heads: barrier on the layer margin ``1 - sum_h kappa_h`` instead
+            of per-head margins.
+        eps: where the barrier turns from ``-log m`` to its quadratic extension.
+        track_stats: keep per-layer margin statistics of every forward in
+            ``handle.stats`` (a few small reductions per layer).
+
+    Loss normalisation: when the forward receives ``num_items_in_batch`` (as
+    ``transformers.Trainer`` passes it), each layer's barrier is the *sum* over
+    valid positions divided by ``num_items_in_batch`` — the rule the model's
+    cross-entropy follows, so gradient accumulation and multi-device averaging
+    match the big batch. Otherwise it is the mean over the layer's valid
+    positions (heads included).
+
+    Returns:
+        The :class:`BarrierHandle` (options, ``stats``, ``enabled``, ``detach()``).
+
+    Raises:
+        ValueError: already attached, no attention layer found, bad option.
+        TypeError: an option of the wrong type.
+    """
+    eps = check_options(weight, coupling, combine_heads, eps)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise ValueError("barrier_ops.attach: the model already has a barrier attached; call detach(model) first")
+    kind = "hf" if _is_hf(model) else "nanogpt"
+    handle = BarrierHandle(
+        model, weight=float(weight), coupling=coupling, combine_heads=combine_heads, eps=eps,
+        track_stats=bool(track_stats), kind=kind,
+    )
+    if kind == "hf":
+        from . import hf as adapter
+    else:
+        from . import nanogpt as adapter
+    try:
+        adapter.attach(handle, model, layers)
+    except Exception:
+        handle.detach()
+        raise
+    setattr(model, HANDLE_ATTR, handle)
+
+    def forget():
+        if HANDLE_ATTR in model.__dict__:
+            delattr(model, HANDLE_ATTR)
+
+    handle._undo.insert(0, forget)
+    return handle
+
+
+def get_handle(model: nn.Module) -> Optional[BarrierHandle]:
+    """The :class:`BarrierHandle` of an attached model (wrappers looked through), or None."""
+    return getattr(_unwrap(model), HANDLE_ATTR, None)
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach`: remove the hooks, restore the attention implementation.
+
+    Raises ValueError when nothing is attached.
+    """
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError("barrier_ops.detach: the model has no barrier attached")
+    handle.detach()
+
+
+def __getattr__(name):
+    if name in ("BarrierStatsCallback", "add_stats_callback"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,250 @@
+"""Hugging Face transformers: the barrier as a registered attention implementation.
+
+For every original implementation ``X`` in use (``sdpa``, ``eager``, ...)
+``attach`` registers ``barrier_X`` with ``AttentionInterface`` (and with
+``AttentionMaskInterface``, so the model builds exactly the mask ``X`` gets)
+and switches ``config._attn_implementation`` of the attention layers' configs
+to it; ``detach`` switches back. ``barrier_X`` calls ``X`` unchanged (the
+model's logits do not move) and passes the same q, k, v (after RoPE, before
+the GQA repeat) to the handle of the layer that called it. No model class is
+patched, so every model that dispatches through ``AttentionInterface`` works.
+
+This module imports transformers; ``barrier_ops`` imports it only when a
+transformers model is attached.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+try:  # transformers >= 4.53 builds masks through its own interface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+except ImportError:  # pragma: no cover - older transformers
+    ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
+
+from ._core import (
+    LAYER_ATTR,
+    BarrierHandle,
+    _LayerState,
+    add_loss_hooks,
+    padding_from_attention_mask,
+    select_layers,
+    set_module_attr,
+)
+from ._coupling import coupling_from_weights
+
+PREFIX = "barrier_"
+_registered: Dict[str, Callable] = {}
+
+
+def _eager_of(module: nn.Module) -> Callable:
+    """The eager attention of the module's own modeling file (what ``get_interface`` falls back to)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(
+            f"barrier_ops.attach: {type(module).__name__} uses eager attention but its module "
+            f"{type(module).__module__} defines no eager_attention_forward; load the model with "
+            "attn_implementation='sdpa'"
+        )
+    return fn
+
+
+def _original_of(name: str, module: nn.Module) -> Callable:
+    if name == "eager":
+        return _eager_of(module)
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"barrier_ops.attach: attention implementation {name!r} is not registered")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_attention(original_name: str) -> Callable:
+    def barrier_attention(module, query, key, value, attention_mask, **kwargs):
+        state = getattr(module, LAYER_ATTR, None)
+        if state is None:
+            # A layer left out by `layers=` (or one attach did not see) keeps its original.
+            return _original_of(original_name, module)(module, query, key, value, attention_mask, **kwargs)
+        out = state.original(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", None)
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        padding = padding_from_attention_mask(attention_mask, query.shape[0], query.shape[2])
+        state.handle._record(
+            state, query, key, value, scale=scaling, causal=bool(is_causal), key_padding_mask=padding
+        )
+        return out
+
+    barrier_attention.__name__ = f"barrier_{original_name}_attention"
+    return barrier_attention
+
+
+def register(original_name: str) -> str:
+    """Register ``barrier_<original_name>`` with transformers (idempotent); return its name."""
+    if original_name.startswith(PREFIX):
+        raise ValueError(f"barrier_ops.attach: the model already uses {original_name!r}; detach first")
+    name = PREFIX + original_name
+    if name not in _registered:
+        fn = _make_attention(original_name)
+        AttentionInterface.register(name, fn)
+        if AttentionMaskInterface is not None and original_name in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original_name])
+        _registered[name] = fn
+    return name
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def find_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Self-attention modules that dispatch through AttentionInterface (outermost only)."""
+    found = []
+    for name, m in model.named_modules():
+        if not type(m).__name__.endswith("Attention"):
+            continue
+        config = getattr(m, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation"):
+            continue
+        if getattr(m, "is_cross_attention", False):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        found.append((name, m))
+    return found
+
+
+def _weights_coupling(name: str, attn: nn.Module):
+    """``(heads, dtype) -> [H, d, dv]`` from the layer's projections, by layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    q_proj, o_proj = getattr(attn, "q_proj", None), getattr(attn, "o_proj", None)
+    if isinstance(q_proj, nn.Linear) and isinstance(o_proj, nn.Linear):
+        return lambda heads, dtype: coupling_from_weights(q_proj.weight, o_proj.weight, heads, dtype)
+    c_attn, c_proj = getattr(attn, "c_attn", None), getattr(attn, "c_proj", None)
+    if isinstance(c_attn, Conv1D) and isinstance(c_proj, Conv1D):
+        # Conv1D stores [in, out]: transpose to the out x in layout; queries are the first third.
+        embed = c_attn.weight.shape[1] // 3
+
+        def gpt2_coupling(heads, dtype):
+            return coupling_from_weights(c_attn.weight[:, :embed].t(), c_proj.weight.t(), heads, dtype)
+
+        return gpt2_coupling
+    raise ValueError(
+        f"barrier_ops.attach(coupling='weights'): {name} ({type(attn).__name__}) has neither "
+        "q_proj/o_proj (nn.Linear) nor c_attn/c_proj (Conv1D); use coupling='identity'"
+    )
+
+
+def _add_term(output, term, args, kwargs):
+    """Add the term to ``ModelOutput.loss`` (or to element 0 of a tuple output when labels were given)."""
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        loss = output.get("loss")
+        if loss is not None:
+            output["loss"] = loss + term.to(loss.dtype)
+        return output
+    if isinstance(output, tuple) and kwargs.get("labels") is not None and output and output[0] is not None:
+        if isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            return (output[0] + term.to(output[0].dtype),) + tuple(output[1:])
+    return output
+
+
+def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
+    chosen = select_layers(find_layers(model), layers)
+    # Switch every config the chosen layers read (a ForCausalLM shares one with its base model).
+    configs = {}
+    for name, attn in chosen:
+        configs.setdefault(id(attn.config), attn.config)
+    originals = {key: cfg._attn_implementation or "eager" for key, cfg in configs.items()}
+    for name, attn in chosen:
+        original_name = originals[id(attn.config)]
+        coupling_fn = _weights_coupling(name, attn) if handle.coupling == "weights" else None
+        state = _LayerState(handle, name, coupling_fn, original=_original_of(original_name, attn))
+        set_module_attr(handle, attn, LAYER_ATTR, state)
+        handle.layer_names.append(name)
+    for key, cfg in configs.items():
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = register(originals[key])
+
+        def restore(cfg=cfg, previous=previous):
+            cfg._attn_implementation = previous
+
+        handle._undo.append(restore)
+    add_loss_hooks(handle, model, _add_term)
+
+
+def _handle_of(model: nn.Module) -> BarrierHandle:
+    from . import get_handle
+
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError("BarrierStatsCallback: the model has no barrier attached (call barrier_ops.attach first)")
+    return handle
+
+
+from transformers import TrainerCallback  # noqa: E402  (transformers is already imported above)
+
+
+class BarrierStatsCallback(TrainerCallback):
+    """Adds the barrier statistics to the Trainer's training logs.
+
+    On every optimizer step it accumulates, as tensors (no host sync), the
+    statistics of the last forward of that step (the last micro-batch under
+    gradient accumulation); on every training log it averages them over the
+    steps since the previous log (``*margin_min`` entries take the minimum),
+    adds them to ``logs`` and to ``state.log_history``, and resets.
+
+    Reporting callbacks (TensorBoard, W&B, ...) see the values only if this
+    callback runs before them: use :func:`add_stats_callback`, which puts it
+    first, rather than ``Trainer(callbacks=[...])``, which puts it after the
+    reporters (the console and ``log_history`` get the values either way).
+    """
+
+    def __init__(self, prefix: str = "barrier/"):
+        self.prefix = prefix
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        handle = _handle_of(model)
+        values = handle.stats.tensors(self.prefix)
+        if not values:
+            return
+        for key, value in values.items():
+            value = value.detach().double()
+            if key not in self._sums:
+                self._sums[key] = value
+            elif key.endswith("margin_min"):
+                self._sums[key] = torch.minimum(self._sums[key], value)
+            else:
+                self._sums[key] = self._sums[key] + value
+        self._steps += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self._steps == 0 or "loss" not in logs:
+            return
+        out = {
+            key: float(value) if key.endswith("margin_min") else float(value) / self._steps
+            for key, value in self._sums.items()
+        }
+        logs.update(out)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(out)
+        self._sums, self._steps = {}, 0
+
+
+def add_stats_callback(trainer, prefix: str = "barrier/") -> BarrierStatsCallback:
+    """Insert a :class:`BarrierStatsCallback` ahead of the Trainer's reporting callbacks."""
+    _handle_of(trainer.model)
+    callback = BarrierStatsCallback(prefix)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
