@@ -28,6 +28,12 @@ def check_attention_inputs(
     coupling: Optional[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor],
 ) -> None:
+    """Shapes, dtypes and devices of an attention layer's q, k, v, coupling and mask.
+
+    Under an active torch.autocast for the inputs' device, the ops' autocast
+    kernels cast q, k, v and the coupling to one dtype first, so mixed float
+    dtypes are accepted here and checked again after the cast.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -39,7 +45,9 @@ def check_attention_inputs(
             raise TypeError(
                 f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
             )
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    # The ops register autocast kernels for CPU and CUDA only.
+    autocast = q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type)
+    if not autocast and (k.dtype != q.dtype or v.dtype != q.dtype):
         raise TypeError(
             f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
         )
@@ -83,7 +91,11 @@ def check_attention_inputs(
             raise TypeError(
                 f"coupling must be None or a torch.Tensor, got {type(coupling).__name__}"
             )
-        if coupling.dtype != q.dtype:
+        if coupling.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"coupling must be float32, float64, bfloat16 or float16, got {coupling.dtype}"
+            )
+        if not autocast and coupling.dtype != q.dtype:
             raise TypeError(
                 f"coupling must have the dtype of q ({q.dtype}), got {coupling.dtype}"
             )

@@ -171,21 +171,18 @@ def support_token_argmin_reference(
     _checks.check_margins_and_mask(margins, key_padding_mask)
     T = margins.shape[-1]
     m = margins.detach()
+    # NaN margins are skipped like padding, so one bad value cannot hide the real minimum.
+    usable = ~torch.isnan(m)
     if key_padding_mask is not None:
-        mask = key_padding_mask if m.dim() == 2 else key_padding_mask.unsqueeze(1)
-        m = torch.where(mask, m, torch.full_like(m, float("inf")))
-    # A NaN margin would win no comparison and could hide the real minimum; treat it as +inf.
-    m = torch.nan_to_num(m, nan=float("inf"))
+        usable = usable & (key_padding_mask if m.dim() == 2 else key_padding_mask.unsqueeze(1))
+    m = torch.where(usable, m, torch.full_like(m, float("inf")))
     if T == 0:
-        shape = m.shape[:-1]
-        return (
-            torch.full(shape, -1, dtype=torch.int64, device=m.device),
-            torch.full(shape, float("inf"), dtype=m.dtype, device=m.device),
-        )
-    values, _ = m.min(dim=-1)
+        values = torch.full(m.shape[:-1], float("inf"), dtype=m.dtype, device=m.device)
+    else:
+        values = m.min(dim=-1).values
     positions = torch.arange(T, device=m.device).expand_as(m)
-    hits = torch.where(m == values.unsqueeze(-1), positions, torch.full_like(positions, T))
-    indices = hits.min(dim=-1).values
-    empty = torch.isinf(values) & (values > 0)
-    indices = torch.where(empty, torch.full_like(indices, -1), indices)
+    hits = usable & (m == values.unsqueeze(-1))
+    first = torch.where(hits, positions, torch.full_like(positions, T))
+    indices = first.min(dim=-1).values if T > 0 else torch.zeros(m.shape[:-1], dtype=torch.int64)
+    indices = torch.where(indices == T, torch.full_like(indices, -1), indices)
     return indices, values

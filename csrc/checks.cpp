@@ -70,6 +70,9 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                       ", dv=", dv, "; pass a [H] or [H, d, dv] coupling");
   } else {
     const at::Tensor& A = *coupling;
+    TORCH_CHECK_TYPE(is_supported_float(A.scalar_type()),
+                     "coupling must be float32, float64, bfloat16 or float16, got ",
+                     A.scalar_type());
     TORCH_CHECK_TYPE(A.scalar_type() == q.scalar_type(), "coupling must have the dtype of q (",
                      q.scalar_type(), "), got ", A.scalar_type());
     TORCH_CHECK_VALUE(A.device() == q.device(), "coupling must be on q's device ", q.device(),

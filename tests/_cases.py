@@ -1,0 +1,115 @@
+"""Random problem builders and tolerances shared by the op tests (CPU and CUDA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Margins are O(1); these bound |kernel - reference| on margins and the loss,
+# and (scaled by the reference's largest entry) on gradients. bf16/fp16 inputs
+# accumulate in float32, but w = A v is rounded to the input dtype before the
+# fused core, which dominates their error.
+VALUE_TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Case:
+    B: int = 2
+    H: int = 4
+    Hkv: int = 2
+    T: int = 37
+    d: int = 8
+    dv: Optional[int] = None
+    coupling: str = "none"  # none | scalar | matrix
+    causal: bool = True
+    masked: bool = False
+    combine_heads: bool = False
+
+    def __str__(self) -> str:
+        return (
+            f"B{self.B}H{self.H}kv{self.Hkv}T{self.T}d{self.d}dv{self.dv or self.d}"
+            f"-{self.coupling}-{'causal' if self.causal else 'full'}"
+            f"{'-mask' if self.masked else ''}{'-combine' if self.combine_heads else ''}"
+        )
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed=0, requires_grad=True,
+                coupling_scale=0.3, noncontiguous=False):
+    gen = torch.Generator().manual_seed(seed)
+    dv = case.dv or case.d
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    if noncontiguous:
+        # SDPA-layout views of [B, T, H, d] projections, as a model produces them.
+        q = rand(case.B, case.T, case.H, case.d).transpose(1, 2)
+        k = rand(case.B, case.T, case.Hkv, case.d).transpose(1, 2)
+        v = rand(case.B, case.T, case.Hkv, dv).transpose(1, 2)
+    else:
+        q = rand(case.B, case.H, case.T, case.d)
+        k = rand(case.B, case.Hkv, case.T, case.d)
+        v = rand(case.B, case.Hkv, case.T, dv)
+    coupling = None
+    if case.coupling == "scalar":
+        coupling = rand(case.H, scale=coupling_scale)
+    elif case.coupling == "matrix":
+        coupling = rand(case.H, case.d, dv, scale=coupling_scale / case.d**0.5)
+    elif case.coupling != "none":
+        raise ValueError(case.coupling)
+    mask = None
+    if case.masked:
+        mask = torch.rand(case.B, case.T, generator=gen) > 0.3
+        mask[0, : min(3, case.T)] = False  # leading padding: causal rows with no key
+        if case.B > 1:
+            mask[-1] = False  # a fully padded sequence
+    tensors = [q, k, v] + ([coupling] if coupling is not None else [])
+    tensors = [t.to(device) for t in tensors]
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    q, k, v = tensors[:3]
+    coupling = tensors[3] if coupling is not None else None
+    if mask is not None:
+        mask = mask.to(device)
+    return q, k, v, coupling, mask
+
+
+def op_kwargs(case: Case, coupling, mask):
+    return dict(coupling=coupling, causal=case.causal, key_padding_mask=mask,
+                combine_heads=case.combine_heads)
+
+
+def upcast(t, dtype):
+    """A leaf copy in a wider dtype, for references computed on the same values."""
+    if t is None:
+        return None
+    return t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def assert_close(actual, expected, tol, what=""):
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
+    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
+
+
+# A grid that covers every code path of the fused kernels: GQA and MHA, every
+# coupling form, causal and full attention, masks with empty rows, combined
+# heads, odd lengths that leave partial query and key blocks, and T = 1.
+GRID = [
+    Case(),
+    Case(H=4, Hkv=4, T=1, d=4),
+    Case(H=2, Hkv=1, T=130, d=16, coupling="scalar", masked=True),
+    Case(H=4, Hkv=2, T=67, d=5, dv=7, coupling="matrix"),
+    Case(H=3, Hkv=3, T=200, d=8, causal=False, masked=True, coupling="matrix", dv=3),
+    Case(H=4, Hkv=1, T=45, d=6, combine_heads=True, masked=True),
+    Case(H=2, Hkv=2, T=129, d=3, causal=False, combine_heads=True, coupling="scalar"),
+    Case(B=1, H=1, Hkv=1, T=2, d=1),
+]
