@@ -1,0 +1,178 @@
+"""Fast smoke tests of the char-GPT experiment code (tiny synthetic corpus, a few steps)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("yaml")
+
+import barrier_ops  # noqa: E402
+from barrier_ops.experiments import data as data_mod  # noqa: E402
+from barrier_ops.experiments import sweep as sweep_mod  # noqa: E402
+from barrier_ops.experiments.config import BarrierConfig, ConfigError, ModelConfig, from_dict, load_config  # noqa: E402
+from barrier_ops.experiments.evaluate import evaluate_split, noise_eval  # noqa: E402
+from barrier_ops.experiments.model import CharGPT, training_loss  # noqa: E402
+from barrier_ops.reference import margin_barrier_loss_reference  # noqa: E402
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16}
+
+
+def _corpus_dir(tmp_path):
+    text = "".join(f"the quick brown fox {i} jumps over the lazy dog. " for i in range(60))
+    d = tmp_path / "corpus"
+    d.mkdir()
+    n = len(text)
+    (d / "train.txt").write_text(text[: int(0.8 * n)])
+    (d / "valid.txt").write_text(text[int(0.8 * n): int(0.9 * n)])
+    (d / "test.txt").write_text(text[int(0.9 * n):])
+    return str(d)
+
+
+def _tiny_cfg(tmp_path, **train):
+    return from_dict({
+        "name": "tiny",
+        "data": {"path": _corpus_dir(tmp_path)},
+        "model": TINY_MODEL,
+        "train": {"steps": 3, "batch_size": 4, "eval_interval": 2, "eval_batches": 1, "warmup_steps": 1,
+                  "device": "cpu", "threads": 1, "progress": False, **train},
+        "eval": {"sigmas": [0.0, 0.5], "draws": 2, "batches": 2, "batch_size": 4},
+        "sweep": {"lambdas": [0.0, 0.05], "seeds": [0]},
+    })
+
+
+def _model(coupling="exact", seed=0):
+    torch.manual_seed(seed)
+    return CharGPT(11, ModelConfig(**TINY_MODEL), BarrierConfig(coupling=coupling))
+
+
+@pytest.mark.parametrize("coupling", ["exact", "identity"])
+def test_forward_backward_with_penalty(coupling):
+    model = _model(coupling)
+    x = torch.randint(0, 11, (3, 16))
+    out = model(x, x, want_penalty=True)
+    assert out.logits.shape == (3, 16, 11)
+    assert torch.isfinite(out.penalty) and out.penalty.ndim == 0
+    training_loss(out, 0.5).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # The penalty alone must reach the query projection, and the last layer's W_O (which feeds no
+    # later layer) only through the exact coupling A_h = W_Q^h W_O^h.
+    model.zero_grad()
+    model(x, x, want_penalty=True).penalty.backward()
+    assert model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+    o_grad = model.blocks[-1].attn.o_proj.weight.grad
+    assert (o_grad is not None and o_grad.abs().sum() > 0) == (coupling == "exact")
+
+
+def test_penalty_is_layer_mean_of_reference_barrier():
+    model = _model("exact").double()
+    x = torch.randint(0, 11, (2, 16))
+    captured = []
+    for block in model.blocks:
+        block.attn.register_forward_hook(lambda mod, inp, out: captured.append((mod, inp[0])))
+    out = model(x, want_penalty=True)
+    expected = []
+    for attn, h in captured:
+        B, T, C = h.shape
+        q, k, v = (p(h).view(B, T, attn.n_head, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        H, d = attn.n_head, C // attn.n_head
+        A = torch.stack([attn.q_proj.weight[i * d:(i + 1) * d] @ attn.o_proj.weight[:, i * d:(i + 1) * d]
+                         for i in range(H)])
+        expected.append(margin_barrier_loss_reference(q, k, v, coupling=A, combine_heads=True, eps=0.01))
+    torch.testing.assert_close(out.penalty.double(), torch.stack(expected).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_ce_mode_ignores_penalty():
+    model = _model()
+    x = torch.randint(0, 11, (2, 16))
+    out = model(x, x, want_penalty=True)
+    assert training_loss(out, 0.0) is out.ce  # zero weight: exactly the CE, no penalty term in the graph
+    no_pen = model(x, x)
+    assert no_pen.penalty is None
+    torch.testing.assert_close(training_loss(no_pen, 0.0), out.ce)
+    with pytest.raises(ValueError, match="want_penalty"):
+        training_loss(no_pen, 0.1)
+
+
+def test_noise_eval_deterministic_given_seed():
+    torch.set_num_threads(1)
+    model = _model()
+    data = torch.randint(0, 11, (500,))
+    kw = dict(n_batches=2, batch_size=4, device=torch.device("cpu"))
+    a = evaluate_split(model, data, sigma=0.3, seed=7, **kw)["bpc"]
+    b = evaluate_split(model, data, sigma=0.3, seed=7, **kw)["bpc"]
+    c = evaluate_split(model, data, sigma=0.3, seed=8, **kw)["bpc"]
+    clean = evaluate_split(model, data, **kw)["bpc"]
+    assert a == b and a != c and a != clean
+    res = noise_eval(model, data, sigmas=[0.0, 0.3], draws=2, seed=7, **kw)
+    assert res["0"]["bpc"] == clean and res["0"]["ratio"] == 1.0
+    assert res["0.3"] == noise_eval(model, data, sigmas=[0.3], draws=2, seed=7, **kw)["0.3"]
+
+
+def test_margins_and_support_tokens_reported():
+    model = _model()
+    data = torch.randint(0, 11, (500,))
+    r = evaluate_split(model, data, n_batches=2, batch_size=4, device=torch.device("cpu"),
+                       with_penalty=True, with_margins=True)
+    assert len(r["margins"]) == 2 and len(r["support_pos"]) == 2
+    assert r["margins"][0].numel() == 2 * 4 * 16
+    assert ((r["support_pos"][0] >= 0) & (r["support_pos"][0] < 16)).all()
+
+
+def test_sweep_is_resumable(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(tmp_path)
+    root = str(tmp_path / "sweep")
+    rows = sweep_mod.run_sweep(cfg, root, progress=False, log=lambda *a: None)
+    assert [(r["lambda"], r["seed"]) for r in rows] == [(0.0, 0), (0.05, 0)]
+    assert os.path.isfile(os.path.join(root, "results.csv"))
+    with open(os.path.join(root, "lam0.05_seed0", "metrics.jsonl")) as f:
+        rec = json.loads(f.readline())
+    assert {"train_bpc", "val_bpc", "val_penalty", "margin_mean", "margin_min"} <= set(rec)
+    assert len(rec["margin_min"]) == 2
+
+    trained = []
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg, out, progress: trained.append(out))
+    sweep_mod.run_sweep(cfg, root, progress=False, log=lambda *a: None)
+    assert trained == []  # both finished runs skipped
+    os.remove(os.path.join(root, "lam0_seed0", "summary.json"))
+    sweep_mod.run_sweep(cfg, root, progress=False, log=lambda *a: None)
+    assert trained == [os.path.join(root, "lam0_seed0")]
+    assert len(sweep_mod.read_csv(os.path.join(root, "results.csv"))) == 1
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz.*known keys"):
+        load_config(str(bad))
+    bad.write_text("model:\n  n_layer: two\n")
+    with pytest.raises(ConfigError, match=r"model\.n_layer: expected an integer"):
+        load_config(str(bad))
+    bad.write_text("barrier:\n  coupling: diagonal\n")
+    with pytest.raises(ConfigError, match="barrier.coupling"):
+        load_config(str(bad))
+    bad.write_text("train:\n  lambda: 0.02\n  lr: 3e-3\n")
+    cfg = load_config(str(bad), {"train.seed": 4})
+    assert cfg.train.lam == 0.02 and cfg.mode == "barrier" and cfg.train.lr == 3e-3 and cfg.train.seed == 4
+    with pytest.raises(ConfigError, match="train.lambda must be >= 0"):
+        load_config(str(bad), {"train.lambda": -1.0})
+
+
+def test_data_sources(tmp_path, monkeypatch):
+    splits = data_mod.load_splits(_corpus_dir(tmp_path))
+    d = data_mod.build_data(splits)
+    assert d.vocab.decode(d.val[:5].tolist()) == splits["val"][:5]
+    single = tmp_path / "one.txt"
+    single.write_text("abcdefghij" * 100)
+    s1, s2 = data_mod.load_splits(str(single)), data_mod.load_splits(str(single))
+    assert s1 == s2 and [len(s1[k]) for k in ("train", "val", "test")] == [900, 50, 50]
+    with pytest.raises(data_mod.CorpusNotFoundError, match="no such file"):
+        data_mod.load_splits(str(tmp_path / "nope"))
+    monkeypatch.setenv("BARRIER_OPS_DATA_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(data_mod.shutil, "which", lambda name: None)
+    with pytest.raises(data_mod.CorpusNotFoundError, match="apt-get install -y bible-kjv"):
+        data_mod.load_splits(None)
