@@ -113,10 +113,12 @@ def read_csv(path: str) -> List[Dict]:
         rows = list(csv.DictReader(f))
     for r in rows:
         for k, v in r.items():
-            try:
-                r[k] = float(v)
-            except (TypeError, ValueError):
-                pass
+            for conv in (int, float):
+                try:
+                    r[k] = conv(v)
+                    break
+                except (TypeError, ValueError):
+                    pass
     return rows
 
 
