@@ -12,6 +12,7 @@ and attribute mutation, which torch.compile traces without a graph break.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -181,6 +182,8 @@ class BarrierHandle:
         self.layer_names: List[str] = []
         self.stats = BarrierStats()
         self._collecting = False
+        self._warned = False
+        self._grad_at_begin = False
         self._num_items: Optional[Union[int, torch.Tensor]] = None
         self._penalties: List[torch.Tensor] = []
         self._layer_stats: List[LayerStats] = []
@@ -190,6 +193,7 @@ class BarrierHandle:
 
     def _begin(self, num_items_in_batch=None) -> None:
         self._collecting = True
+        self._grad_at_begin = torch.is_grad_enabled()
         self._num_items = num_items_in_batch
         self._penalties = []
         self._layer_stats = []
@@ -211,6 +215,16 @@ class BarrierHandle:
         # Decoding with a KV cache (fewer queries than keys) has no margins to regularise.
         if q.shape[2] != k.shape[2] or q.shape[2] == 0:
             return
+        if self._collecting and self._grad_at_begin and not torch.is_grad_enabled() and not self._warned:
+            # The model's forward started with gradients on, this layer runs without:
+            # reentrant activation checkpointing runs the block under no_grad and
+            # backpropagates only the block's outputs, so this term gets no gradient.
+            self._warned = True
+            warnings.warn(
+                "barrier_ops: the barrier was computed with gradients disabled in training mode, so it "
+                "will not train the model; with activation checkpointing use use_reentrant=False",
+                stacklevel=2,
+            )
         coupling = None if layer.coupling_fn is None else layer.coupling_fn(q.shape[1], q.dtype)
         reduction = "mean" if self._num_items is None else "sum"
         barrier, margins = layer_barrier(
