@@ -108,6 +108,11 @@ def check_attention_inputs(
                 f"coupling must have shape [H]=[{H}] (per-head scalar) or [H, d, dv]=[{H}, {d}, {dv}], "
                 f"got {_shape(coupling)}"
             )
+        if coupling.dim() == 1 and dv != d:
+            raise ValueError(
+                f"a per-head scalar coupling [H] means A_h = a_h * I and needs v's head dim dv == d, "
+                f"got d={d}, dv={dv}; pass an [H, d, dv] coupling"
+            )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(

@@ -83,6 +83,9 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK_VALUE(per_head_scalar || per_head_matrix, "coupling must have shape [H]=[", H,
                       "] (per-head scalar) or [H, d, dv]=[", H, ", ", d, ", ", dv, "], got ",
                       A.sizes());
+    TORCH_CHECK_VALUE(!per_head_scalar || dv == d,
+                      "a per-head scalar coupling [H] means A_h = a_h * I and needs v's head dim "
+                      "dv == d, got d=", d, ", dv=", dv, "; pass an [H, d, dv] coupling");
   }
   check_mask(key_padding_mask, B, T, q.device(), "q");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ",

@@ -186,6 +186,8 @@ BAD_INPUTS = [
      r"coupling must have shape \[H\]"),
     ("coupling matrix shape", lambda q, k, v: (q, k, v, {"coupling": torch.ones(4, 6, 5)}),
      ValueError, r"coupling must have shape"),
+    ("scalar coupling needs dv == d", lambda q, k, v: (q, k, v[..., :4], {"coupling": torch.ones(4)}),
+     ValueError, "per-head scalar coupling"),
     ("coupling dtype", lambda q, k, v: (q, k, v, {"coupling": torch.ones(4, dtype=torch.float64)}),
      TypeError, "coupling must have the dtype of q"),
     ("coupling int", lambda q, k, v: (q, k, v, {"coupling": torch.ones(4, dtype=torch.int64)}),
@@ -247,7 +249,7 @@ def test_bad_argmin_arguments(args, exc, match):
         OPS.support_token_argmin.default(*args)
 
 
-@pytest.mark.parametrize("name,build,exc,match", BAD_INPUTS[:18], ids=[b[0] for b in BAD_INPUTS[:18]])
+@pytest.mark.parametrize("name,build,exc,match", BAD_INPUTS[:19], ids=[b[0] for b in BAD_INPUTS[:19]])
 def test_direct_op_call_checks_in_cpp(name, build, exc, match):
     q, k, v, kwargs = build(*_good())
     with pytest.raises(exc, match=match):

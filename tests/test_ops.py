@@ -247,3 +247,41 @@ def test_no_grad_path_and_requires_grad_flags():
     assert out.requires_grad
     (gq,) = torch.autograd.grad(out, [q])
     assert gq.shape == q.shape
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _random_case(draw):
+    Hkv = draw(st.integers(1, 3))
+    coupling = draw(st.sampled_from(["none", "scalar", "matrix"]))
+    d = draw(st.integers(1, 12))
+    return Case(
+        B=draw(st.integers(1, 3)),
+        Hkv=Hkv,
+        H=Hkv * draw(st.integers(1, 3)),
+        T=draw(st.integers(1, 150)),
+        d=d,
+        dv=draw(st.integers(1, 12)) if coupling == "matrix" else d,
+        coupling=coupling,
+        causal=draw(st.booleans()),
+        masked=draw(st.booleans()),
+        combine_heads=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_random_case(), seed=st.integers(0, 2**16))
+def test_random_cases_match_reference(case, seed):
+    q, k, v, coupling, mask = make_inputs(case, torch.float32, seed=seed)
+    kw = dict(op_kwargs(case, coupling, mask), eps=0.05)
+    loss = barrier_ops.margin_barrier_loss(q, k, v, **kw)
+    rq, rk, rv, rc = _ref_inputs(q, k, v, coupling, torch.float64)
+    expected = ref.margin_barrier_loss_reference(rq, rk, rv, **dict(op_kwargs(case, rc, mask), eps=0.05))
+    assert_close(loss, expected, VALUE_TOL[torch.float32], "loss")
+    got = _grads(loss, [q, k, v, coupling])
+    want = _grads(expected, [rq, rk, rv, rc])
+    for name, g, w in zip("q k v coupling".split(), got, want):
+        assert_close(g, w, GRAD_TOL[torch.float32], f"grad {name}")
