@@ -1,5 +1,6 @@
 """Fast smoke tests of the char-GPT experiment code (tiny synthetic corpus, a few steps)."""
 
+import importlib.util
 import json
 import os
 
@@ -131,6 +132,12 @@ def test_sweep_is_resumable(tmp_path, monkeypatch):
         rec = json.loads(f.readline())
     assert {"train_bpc", "val_bpc", "val_penalty", "margin_mean", "margin_min"} <= set(rec)
     assert len(rec["margin_min"]) == 2
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        from barrier_ops.experiments.plots import make_all
+
+        paths = make_all(root, str(tmp_path / "figs"), compare=0.05)
+        assert len(paths) == 3 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
 
     trained = []
     monkeypatch.setattr(sweep_mod, "train", lambda cfg, out, progress: trained.append(out))
