@@ -137,7 +137,7 @@ def test_sweep_is_resumable(tmp_path, monkeypatch):
         from barrier_ops.experiments.plots import make_all
 
         paths = make_all(root, str(tmp_path / "figs"), compare=0.05)
-        assert len(paths) == 3 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+        assert len(paths) == 4 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
 
     trained = []
     monkeypatch.setattr(sweep_mod, "train", lambda cfg, out, progress: trained.append(out))

@@ -2,7 +2,7 @@
 
     python -m barrier_ops.experiments.export --root runs/cpu_sweep --out benchmarks/results/chargpt/cpu_sweep
 
-Writes ``results.csv`` (one row per run), ``metrics.jsonl`` (every eval line of
+Writes ``results.csv`` (one row per finished run, so it works mid-sweep), ``metrics.jsonl`` (every eval line of
 every run, tagged with lambda and seed) and ``table.md`` (mean +- std over seeds).
 """
 
@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 
-from .sweep import format_table, read_csv, write_csv
+from .sweep import collect_all, format_table, write_csv
 
 
 def export(root: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    rows = read_csv(os.path.join(root, "results.csv"))
+    rows = collect_all(root)
     write_csv(rows, os.path.join(out, "results.csv"))
     with open(os.path.join(out, "metrics.jsonl"), "w", encoding="utf-8") as dst:
         for r in rows:

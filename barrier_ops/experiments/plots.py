@@ -51,6 +51,27 @@ def plot_curves(runs: Dict[str, str], path: str) -> str:
     return _save(fig, path)
 
 
+def plot_margin_curves(runs: Dict[str, str], path: str) -> str:
+    """Mean (solid, log scale) and min (dashed) validation margin per layer vs step."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, d) in enumerate(runs.items()):
+        m = read_metrics(d)
+        steps = [r["step"] for r in m]
+        for layer in range(len(m[0]["margin_mean"])):
+            style = dict(color=f"C{i}", alpha=1.0 - 0.4 * layer)
+            axes[0].plot(steps, [r["margin_mean"][layer] for r in m], "-", label=f"{label} layer {layer}", **style)
+            axes[1].plot(steps, [r["margin_min"][layer] for r in m], "--", label=f"{label} layer {layer}", **style)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean margin (val)")
+    axes[1].set_ylabel("min margin (val)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Stability margins during training")
+    return _save(fig, path)
+
+
 def _sigmas(rows: List[Dict]) -> List[str]:
     return sorted({k[len("ratio_sigma"):] for k in rows[0] if k.startswith("ratio_sigma")}, key=float)
 
@@ -142,6 +163,7 @@ def make_all(root: str, out_dir: str, compare: float, seed: int = 0, csv_path: O
         plot_curves(pair, os.path.join(out_dir, f"{prefix}curves.png")),
         plot_noise(rows, os.path.join(out_dir, f"{prefix}noise.png")),
         plot_margins(pair, os.path.join(out_dir, f"{prefix}margins.png")),
+        plot_margin_curves(pair, os.path.join(out_dir, f"{prefix}margin_curves.png")),
     ]
     if len({float(r["lambda"]) for r in rows}) > 2:
         paths.append(plot_lambda_path(rows, os.path.join(out_dir, f"{prefix}lambda_path.png")))

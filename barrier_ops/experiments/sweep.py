@@ -95,6 +95,17 @@ def collect(root: str, lambdas: Sequence[float], seeds: Sequence[int]) -> List[D
     return rows
 
 
+def collect_all(root: str) -> List[Dict]:
+    """Rows of every finished run under ``root``, sorted by (lambda, seed)."""
+    rows = []
+    for name in sorted(os.listdir(root)):
+        p = os.path.join(root, name, "summary.json")
+        if name.startswith("lam") and os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                rows.append(summary_row(json.load(f)))
+    return sorted(rows, key=lambda r: (float(r["lambda"]), int(r["seed"])))
+
+
 def write_csv(rows: List[Dict], path: str) -> None:
     if not rows:
         return
@@ -140,15 +151,17 @@ def aggregate(rows: List[Dict], keys: Sequence[str]) -> List[Dict]:
 
 
 def format_table(rows: List[Dict], sigma: str = "0.5") -> str:
-    keys = ["bpc", f"ratio_sigma{sigma}", "test_bpc", "margin_min_l0"]
+    """Markdown table, mean +- std over seeds per lambda (clean, noisy and test BPC, min margin)."""
+    keys = ["bpc", f"bpc_sigma{sigma}", f"ratio_sigma{sigma}", "test_bpc"]
     agg = aggregate(rows, keys)
     ce = next((a for a in agg if a["lambda"] == 0), None)
-    lines = [f"| lambda_m | seeds | val BPC | vs CE | BPC(sigma={sigma})/BPC(0) | test BPC |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| lambda_m | seeds | val BPC | vs CE | BPC at sigma={sigma} | BPC(sigma={sigma})/BPC(0) | test BPC |",
+             "|---|---|---|---|---|---|---|"]
     for a in agg:
         rel = f"{100 * (a['bpc'] / ce['bpc'] - 1):+.2f}%" if ce else "n/a"
-        lines.append(f"| {a['lambda']:g} | {a['n']} | {a['bpc']:.4f} +- {a['bpc_std']:.4f} | {rel} | "
-                     f"{a[keys[1]]:.3f} +- {a[keys[1] + '_std']:.3f} | {a['test_bpc']:.4f} +- {a['test_bpc_std']:.4f} |")
+        cells = [f"{a[k]:.4f} +- {a[k + '_std']:.4f}" if not k.startswith("ratio") else
+                 f"{a[k]:.3f} +- {a[k + '_std']:.3f}" for k in keys]
+        lines.append(f"| {a['lambda']:g} | {a['n']} | {cells[0]} | {rel} | {cells[1]} | {cells[2]} | {cells[3]} |")
     return "\n".join(lines)
 
 
