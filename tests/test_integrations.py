@@ -347,35 +347,49 @@ def test_hf_reentrant_checkpointing_warns():
         model(input_ids=idx, attention_mask=mask, labels=labels).loss.backward()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hf_compile_no_graph_break_from_barrier(arch):
-    idx, mask, labels = _padded_batch()
+def test_hf_attention_layer_compiles_fullgraph(arch):
+    """One attention layer, the barrier included, traced with fullgraph=True, equals eager."""
     model = HF_MODELS[arch]()
-    reference = H.clone(model)
-    barrier_ops.attach(model, 0.3, coupling="weights")
-    barrier_ops.attach(reference, 0.3, coupling="weights")
-    want = reference(input_ids=idx, attention_mask=mask, labels=labels).loss
-    want.backward()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    got = compiled(input_ids=idx, attention_mask=mask, labels=labels).loss
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    _assert_grads_close(H.grads(model), H.grads(reference), tol=1e-6)
-    # One attention layer traced with fullgraph=True, the barrier included.
+    handle = barrier_ops.attach(model, 0.3, coupling="weights")
     attn = model.model.layers[0].self_attn if arch == "llama" else model.transformer.h[0].attn
     hidden = torch.randn(2, 12, 16, dtype=torch.float64)
-    handle = barrier_ops.get_handle(model)
     kwargs = {}
     if arch == "llama":
         kwargs["position_embeddings"] = model.model.rotary_emb(hidden, torch.arange(12).unsqueeze(0))
+    results = []
+    for fn in (attn, torch.compile(attn, backend="aot_eager", fullgraph=True)):
+        handle._begin()
+        out, _ = fn(hidden, attention_mask=None, **kwargs)
+        assert len(handle._penalties) == 1
+        results.append((out, handle._finish()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+def test_hf_compiled_model_matches_eager_without_new_graph_breaks():
+    idx, mask, labels = _padded_batch()
+    model = H.tiny_llama()
+    reference = H.clone(model)
+
+    def step(m):
+        return m(input_ids=idx, attention_mask=mask, labels=labels).loss
+
     torch._dynamo.reset()
-    block = torch.compile(attn, backend="aot_eager", fullgraph=True)
-    handle._begin()
-    block(hidden, attention_mask=None, **kwargs)
-    assert len(handle._penalties) == 1
-    handle._finish()
+    plain_breaks = torch._dynamo.explain(lambda: step(model))().graph_break_count
+    barrier_ops.attach(model, 0.3, coupling="weights")
+    barrier_ops.attach(reference, 0.3, coupling="weights")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda: step(model))()
+    assert explanation.graph_break_count == plain_breaks, explanation.break_reasons
+    want = step(reference)
+    want.backward()
+    torch._dynamo.reset()
+    got = step(torch.compile(model, backend="aot_eager"))
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    _assert_grads_close(H.grads(model), H.grads(reference), tol=1e-6)
 
 
 @pytest.mark.slow
