@@ -60,7 +60,7 @@ def main(argv=None):
     out = args.output_dir or tempfile.mkdtemp(prefix="barrier_hf_")
     training_args = TrainingArguments(
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[],
+        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=max(1, min(5, args.steps)), save_strategy="no", report_to=[],
         use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)

@@ -424,3 +424,15 @@ def test_hf_trainer_callback_and_gradient_accumulation(tmp_path):
     assert logged and "barrier/penalty" in logged[0]
     assert "barrier/model.layers.1.self_attn/margin_min" in logged[0]
     assert 0 <= logged[0]["barrier/model.layers.0.self_attn/support_pos_mean"] < 12
+
+
+@pytest.mark.slow
+def test_examples_run(tmp_path):
+    pytest.importorskip("accelerate")
+    import nanogpt_train  # examples/ is on sys.path via _integration_helpers
+    import hf_trainer
+
+    model, handle = nanogpt_train.main(["--max-iters", "2"])
+    assert handle.stats.penalty is not None and barrier_ops.get_handle(model) is handle
+    trainer = hf_trainer.main(["--steps", "2", "--seq-len", "32", "--output-dir", str(tmp_path)])
+    assert any("barrier/penalty" in e for e in trainer.state.log_history)
