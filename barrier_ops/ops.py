@@ -99,8 +99,10 @@ def _kappa_grad(ctx, kappa, grad_margins, grad_kappa):
     return beta.expand_as(kappa)
 
 
-def _backward_through_kernel(ctx, beta):
-    q, k, v, coupling, key_padding_mask, kappa, lse, stats = ctx.saved_tensors
+def _backward_through_kernel(ctx, saved, beta):
+    # `saved` is ctx.saved_tensors read once by the caller: non-reentrant
+    # activation checkpointing allows a single read per backward.
+    q, k, v, coupling, key_padding_mask, kappa, lse, stats = saved
     dq, dk, dv, dcoupling = _ops.token_margins_backward.default(
         beta.contiguous(), q, k, v, coupling, ctx.scale, ctx.causal, key_padding_mask,
         kappa, lse, stats,
@@ -114,9 +116,9 @@ def _token_margins_setup(ctx, inputs, output):
 
 
 def _token_margins_backward(ctx, grad_margins, grad_kappa, grad_lse, grad_stats):
-    kappa = ctx.saved_tensors[5]
-    beta = _kappa_grad(ctx, kappa, grad_margins, grad_kappa)
-    return _backward_through_kernel(ctx, beta) + (None, None, None, None)
+    saved = ctx.saved_tensors
+    beta = _kappa_grad(ctx, saved[5], grad_margins, grad_kappa)
+    return _backward_through_kernel(ctx, saved, beta) + (None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -137,7 +139,8 @@ def _margin_barrier_loss_setup(ctx, inputs, output):
 
 
 def _margin_barrier_loss_backward(ctx, grad_loss, grad_margins, grad_kappa, grad_lse, grad_stats):
-    kappa, lse = ctx.saved_tensors[5], ctx.saved_tensors[6]
+    saved = ctx.saved_tensors
+    kappa, lse = saved[5], saved[6]
     margins = 1.0 - (kappa.sum(1) if ctx.combine_heads else kappa)
     valid = torch.isfinite(lse[:, 0] if ctx.combine_heads else lse)
     total = grad_margins.to(margins.dtype) if grad_margins is not None else torch.zeros_like(margins)
@@ -147,7 +150,7 @@ def _margin_barrier_loss_backward(ctx, grad_loss, grad_margins, grad_kappa, grad
             slope = slope / valid.sum().clamp(min=1).to(slope.dtype)
         total = total + grad_loss.to(margins.dtype) * slope
     beta = _kappa_grad(ctx, kappa, total, grad_kappa)
-    return _backward_through_kernel(ctx, beta) + (None, None, None, None, None, None)
+    return _backward_through_kernel(ctx, saved, beta) + (None, None, None, None, None, None)
 
 
 torch.library.register_autograd(

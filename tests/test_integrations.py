@@ -316,11 +316,6 @@ def test_hf_num_items_in_batch_accumulation_matches_big_batch():
     torch.testing.assert_close(barrier_ops.get_handle(model).stats.loss_term, term.detach(), rtol=0, atol=TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="barrier_ops/ops.py backward reads ctx.saved_tensors more than once, which non-reentrant "
-    "checkpointing forbids; drop this mark once it reads them once",
-)
 def test_hf_gradient_checkpointing_matches():
     idx, mask, labels = _padded_batch()
     model = H.tiny_llama()

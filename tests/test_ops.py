@@ -285,3 +285,20 @@ def test_random_cases_match_reference(case, seed):
     want = _grads(expected, [rq, rk, rv, rc])
     for name, g, w in zip("q k v coupling".split(), got, want):
         assert_close(g, w, GRAD_TOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.parametrize("use_loss", [True, False])
+def test_non_reentrant_checkpoint_reads_saved_tensors_once(use_loss):
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, _, _ = make_inputs(Case(T=20))
+
+    def f(q, k, v):
+        if use_loss:
+            return barrier_ops.margin_barrier_loss(q, k, v)
+        return barrier_ops.token_margins(q, k, v).sum()
+
+    got = torch.autograd.grad(checkpoint(f, q, k, v, use_reentrant=False), [q, k, v])
+    want = torch.autograd.grad(f(q, k, v), [q, k, v])
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-6, "grad")
