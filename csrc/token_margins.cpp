@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -50,6 +52,33 @@ inline bool key_allowed(bool causal, const bool* mask_row, int64_t s, int64_t t)
   return (!causal || s <= t) && (mask_row == nullptr || mask_row[s]);
 }
 
+// exp for the softmax weights. std::exp is a library call per element and
+// dominates the fused loops; this float version (Cephes' expf polynomial,
+// about 2 ulp on [-87, 88]) is plain arithmetic, so the loops around it
+// vectorize on any x86-64 or ARM target. Arguments here are <= 0 (logit minus
+// its row max or lse); below -87 the result is ~1e-38 instead of 0, and
+// callers map masked (-inf) entries to an exact 0 themselves. float64 keeps
+// std::exp: it is the accuracy path.
+inline float softmax_exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(float));
+  return y * two_to_n;
+}
+inline double softmax_exp(double x) { return std::exp(x); }
+
 template <typename scalar_t>
 void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, int64_t t0,
                          int64_t nq, int64_t T, int64_t d, double scale_d, bool causal,
@@ -78,23 +107,34 @@ void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, in
       scalar_t* row = sp + i * ld;
       const int64_t t = t0 + i;
       scalar_t block_max = neg_inf;
-      for (int64_t j = 0; j < nk; ++j) {
-        const bool ok = all_allowed || key_allowed(causal, mask_row, s0 + j, t);
-        const scalar_t z = ok ? scale * row[j] : neg_inf;
-        row[j] = z;
-        block_max = std::max(block_max, z);
+      // The reductions below may be reassociated (omp simd): sums of
+      // non-negative weights and a max, where the order changes nothing
+      // beyond rounding. It lets them vectorize without -ffast-math.
+      if (all_allowed) {
+#pragma omp simd reduction(max : block_max)
+        for (int64_t j = 0; j < nk; ++j) {
+          row[j] *= scale;
+          block_max = std::max(block_max, row[j]);
+        }
+      } else {
+#pragma omp simd reduction(max : block_max)
+        for (int64_t j = 0; j < nk; ++j) {
+          row[j] = key_allowed(causal, mask_row, s0 + j, t) ? scale * row[j] : neg_inf;
+          block_max = std::max(block_max, row[j]);
+        }
       }
       if (block_max == neg_inf) {
         std::fill(row, row + nk, scalar_t(0));
         continue;
       }
       const scalar_t new_max = std::max(row_max[i], block_max);
-      const scalar_t correction = std::exp(row_max[i] - new_max);
+      const scalar_t correction = softmax_exp(row_max[i] - new_max);
       scalar_t block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
       for (int64_t j = 0; j < nk; ++j) {
-        const scalar_t p = std::exp(row[j] - new_max);
-        row[j] = p;
-        block_sum += p;
+        const scalar_t e = softmax_exp(row[j] - new_max);
+        row[j] = row[j] == neg_inf ? scalar_t(0) : e;
+        block_sum += row[j];
       }
       row_sum[i] = row_sum[i] * correction + block_sum;
       row_max[i] = new_max;
@@ -174,14 +214,14 @@ namespace {
 // (sum_t dz q_t, sum_t Pb [kbar|wbar], coef) land in this (b, h)'s own rows,
 // so (b, h) tasks never race.
 template <typename scalar_t>
-void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::Tensor& stats_h,
+void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::Tensor& g_h,
+                   const at::Tensor& stats_h,
                    const scalar_t* beta, const scalar_t* kappa, const scalar_t* lse, int64_t T,
                    int64_t d, double scale_d, bool causal, const bool* mask_row,
                    at::Tensor& dq_h, at::Tensor& kq_h, at::Tensor& bars_h, scalar_t* coef,
                    at::Tensor& scores_buf, at::Tensor& cross_buf, at::Tensor& dq_buf) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
-  const int64_t width = 2 * d + 1;
-  const scalar_t* g = packed_h.data_ptr<scalar_t>() + 2 * d;  // g_s sits at packed[s, 2d]
+  const scalar_t* g_col = g_h.data_ptr<scalar_t>();
   const scalar_t* stats_ptr = stats_h.data_ptr<scalar_t>();
   std::vector<scalar_t> hbar(kQueryBlock);
   for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock) {
@@ -223,19 +263,26 @@ void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::
         scalar_t* srow = sp + i * lds;
         scalar_t* crow = cp + i * ldc;
         const bool active = std::isfinite(lse[t]) && beta[t] != scalar_t(0);
+        if (!active) {
+          std::fill(srow, srow + nk, scalar_t(0));
+          std::fill(crow, crow + nk, scalar_t(0));
+          continue;
+        }
         const scalar_t row_lse = lse[t];
         const scalar_t beta_c = beta[t] * scale;
+        const scalar_t row_hbar = hbar[i];
+        const scalar_t* g_block = g_col + s0;
+        scalar_t* coef_block = coef + s0;
+        // Keys past t (causal) or padded get alpha = 0 through an exact select,
+        // which keeps this loop branch-free and vectorizable.
+        const int64_t causal_end = causal ? std::min<int64_t>(nk, t - s0 + 1) : nk;
         for (int64_t j = 0; j < nk; ++j) {
-          const int64_t s = s0 + j;
-          scalar_t pb = 0, dz = 0;
-          if (active && key_allowed(causal, mask_row, s, t)) {
-            const scalar_t alpha = std::exp(scale * srow[j] - row_lse);
-            pb = beta_c * alpha;
-            dz = pb * (g[s * width] - crow[j] - hbar[i]);
-          }
-          srow[j] = dz;  // scores now hold dz_ts
-          crow[j] = pb;  // cross now holds Pb_ts = beta_t c alpha_ts
-          coef[s] += pb;
+          const bool ok = j < causal_end && (mask_row == nullptr || mask_row[s0 + j]);
+          const scalar_t alpha = ok ? softmax_exp(scale * srow[j] - row_lse) : scalar_t(0);
+          const scalar_t pb = beta_c * alpha;
+          srow[j] = pb * (g_block[j] - crow[j] - row_hbar);  // scores now hold dz_ts
+          crow[j] = pb;                                      // cross now holds Pb_ts
+          coef_block[j] += pb;
         }
       }
       dq_acc.addmm_(scores, k_block);
@@ -257,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
   const auto opts = q.options().dtype(acc);
   const at::Tensor q_a = q.to(acc).contiguous();
   const at::Tensor packed = pack_keys(k, w, H);
+  const at::Tensor g = packed.select(-1, 2 * d).contiguous();  // [B, H, T]: g_s read per key
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
   const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
   const at::Tensor stats_c = stats.contiguous();
@@ -280,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / H, h = bh % H;
           at::Tensor dq_h = dq[b][h], kq_h = kq[b][h], bars_h = bars[b][h];
-          backward_head<scalar_t>(q_a[b][h], packed[b][h], stats_c[b][h], beta_ptr + bh * T,
+          backward_head<scalar_t>(q_a[b][h], packed[b][h], g[b][h], stats_c[b][h], beta_ptr + bh * T,
                                   kappa_ptr + bh * T, lse_ptr + bh * T, T, d, scale, causal,
                                   mask_ptr ? mask_ptr + b * T : nullptr, dq_h, kq_h, bars_h,
                                   coef_ptr + bh * T, scores_buf, cross_buf, dq_buf);
