@@ -1,0 +1,181 @@
+"""CPU benchmark: fused barrier_ops kernels vs the pure-PyTorch reference.
+
+For each T it times forward and forward+backward of margin_barrier_loss for
+  fused     barrier_ops.margin_barrier_loss (the C++ op)
+  eager     barrier_ops.reference.margin_barrier_loss_reference
+  compiled  torch.compile(reference)   (skip with --no-compile)
+and measures each one's peak memory in a fresh subprocess (peak RSS growth of
+one forward+backward after a warm-up), since CPU tensors have no allocator
+statistics. Prints a table and writes JSON.
+
+    python benchmarks/bench_cpu.py                    # T = 512 1024 2048 4096, d = 64
+    python benchmarks/bench_cpu.py --quick            # T = 256 512, no compile
+    python benchmarks/bench_cpu.py --out results.json --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ("fused", "eager", "compiled")
+
+
+def _inputs(B, H, Hkv, T, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d, generator=gen, requires_grad=True)
+    k = torch.randn(B, Hkv, T, d, generator=gen, requires_grad=True)
+    v = torch.randn(B, Hkv, T, d, generator=gen, requires_grad=True)
+    return q, k, v
+
+
+def _loss_fn(impl):
+    import barrier_ops
+    from barrier_ops import reference
+
+    if impl == "fused":
+        return barrier_ops.margin_barrier_loss
+    if impl == "eager":
+        return reference.margin_barrier_loss_reference
+    if impl == "compiled":
+        return torch.compile(reference.margin_barrier_loss_reference, dynamic=False)
+    raise ValueError(impl)
+
+
+def _time(fn, repeats):
+    fn()  # warm-up: compilation, first-touch allocations
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def time_impl(impl, shape, repeats):
+    q, k, v = _inputs(*shape)
+    loss_fn = _loss_fn(impl)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(q, k, v)
+
+    def forward_backward():
+        loss = loss_fn(q, k, v)
+        torch.autograd.grad(loss, [q, k, v])
+
+    return {"forward_s": _time(forward, repeats), "fwd_bwd_s": _time(forward_backward, repeats)}
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(impl, shape):
+    """Runs in a subprocess: peak RSS growth of one forward+backward.
+
+    A warm-up run first (for torch.compile, the compilation), then the kernel's
+    peak-RSS mark is reset (/proc/self/clear_refs, Linux >= 4.0) so only the
+    measured run counts. The parent pins glibc's mmap threshold so freed tensors
+    go back to the OS instead of being reused silently from the heap.
+    """
+    loss_fn = _loss_fn(impl)
+    q, k, v = _inputs(*shape)
+    torch.autograd.grad(loss_fn(q, k, v), [q, k, v])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    loss = loss_fn(q, k, v)
+    torch.autograd.grad(loss, [q, k, v])
+    print(json.dumps({"peak_bytes": max(0, _status_kib("VmHWM") - base) * 1024}))
+
+
+def measure_memory(impl, shape, threads):
+    cmd = [sys.executable, __file__, "--child-memory", impl, ",".join(map(str, shape)),
+           "--threads", str(threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return None, out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"], None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--Hkv", type=int, default=4)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--quick", action="store_true", help="T = 256 512, no compile, 2 repeats")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.json"))
+    p.add_argument("--child-memory", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.child_memory:
+        impl, shape = args.child_memory
+        memory_child(impl, tuple(int(x) for x in shape.split(",")))
+        return
+
+    if args.quick:
+        args.T, args.no_compile, args.repeats = [256, 512], True, 2
+    impls = [i for i in IMPLS if not (i == "compiled" and args.no_compile)]
+    device = f"{platform.processor() or platform.machine()} ({args.threads} threads), torch {torch.__version__}"
+    rows = []
+    for T in args.T:
+        shape = (args.B, args.H, args.Hkv, T, args.d)
+        row = {"T": T, "B": args.B, "H": args.H, "Hkv": args.Hkv, "d": args.d}
+        for impl in impls:
+            try:
+                timing = time_impl(impl, shape, args.repeats)
+            except RuntimeError as e:  # out of memory and the like: report, keep going
+                timing = {"forward_s": None, "fwd_bwd_s": None, "error": str(e).splitlines()[0]}
+            peak, err = measure_memory(impl, shape, args.threads)
+            row[impl] = dict(timing, peak_bytes=peak, **({"memory_error": err} if err else {}))
+            print(f"  T={T} {impl}: {row[impl]}", file=sys.stderr, flush=True)
+        rows.append(row)
+
+    def ratio(row, impl, key):
+        a, b = row[impl].get(key), row["fused"].get(key)
+        return a / b if a and b else None
+
+    header = f"{'T':>6} | {'impl':>8} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | {'peak MiB':>9} | {'fwd+bwd x':>9} | {'mem x':>7}"
+    lines = [f"CPU benchmark, margin_barrier_loss, B={args.B} H={args.H} Hkv={args.Hkv} d={args.d}, causal; {device}",
+             header, "-" * len(header)]
+    for row in rows:
+        for impl in impls:
+            r = row[impl]
+            fmt = lambda x, s=1e3: f"{x * s:.1f}" if x is not None else "n/a"  # noqa: E731
+            sp = ratio(row, impl, "fwd_bwd_s")
+            mem = ratio(row, impl, "peak_bytes")
+            lines.append(
+                f"{row['T']:>6} | {impl:>8} | {fmt(r['forward_s']):>9} | {fmt(r['fwd_bwd_s']):>10} | "
+                f"{fmt(r['peak_bytes'], 1 / 2**20):>9} | {(f'{sp:.2f}' if sp else 'n/a'):>9} | "
+                f"{(f'{mem:.1f}' if mem else 'n/a'):>7}"
+            )
+    lines.append("x columns: the implementation's time (memory) over the fused op's; > 1 means fused is better.")
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": device, "rows": rows, "table": lines}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
