@@ -1,0 +1,443 @@
+// Fused CUDA backward core of token_margins (KappaBackwardFn). The softmax
+// weights are recomputed from the saved row log-sum-exp; no T x T buffer.
+//
+// Deterministic by construction: no atomics. Two kernels, each owning the
+// rows it writes:
+//   key kernel   (CTA = block of keys of one (b, h), streams query blocks):
+//     dk_s = c sum_t dz_ts q_t + coef_s w_s - sum_t Pb_ts wbar_t
+//     dw_s = coef_s k_s - sum_t Pb_ts kbar_t,     coef_s = sum_t Pb_ts
+//   query kernel (CTA = block of queries, streams key blocks):
+//     dq_t = c sum_s dz_ts k_s
+// with Pb_ts = beta_t c alpha_ts, dz_ts = Pb_ts (g_s - <kbar_t, w_s> -
+// <wbar_t, k_s> - hbar_t) (shared/spec/barrier-math.md, "Gradients"). Both
+// kernels recompute the logits and the cross terms; that duplicate work is the
+// price of determinism (flash-attention's atomic dq accumulation avoids it).
+#include "cuda_cores.h"
+#include "kernel_common.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+namespace barrier_ops {
+namespace cuda {
+
+namespace {
+
+template <typename in_t>
+struct BackwardParams {
+  using acc_t = typename Traits<in_t>::acc_t;
+  const in_t* q;         // [B, H, T, d]
+  const in_t* k;         // [B, Hkv, T, d]
+  const in_t* w;         // [B, H, T, d]
+  const acc_t* stats;    // [B, H, T, 2d]  [kbar | wbar]
+  const acc_t* lse;      // [B, H, T]
+  const acc_t* g;        // [B, H, T]
+  const acc_t* hbar;     // [B, H, T]
+  const acc_t* beta_c;   // [B, H, T]  beta * c at active rows, else 0
+  const bool* mask;      // [B, T] or nullptr
+  acc_t* dq;             // [B, H, T, d]
+  acc_t* dk;             // [B, H, T, d]  per query head
+  acc_t* dw;             // [B, H, T, d]
+  int64_t T;
+  int H, group, d, n_blocks;
+  acc_t scale;
+  bool causal;
+};
+
+// R rows owned by the CTA (16 per warp), N streamed rows per step.
+template <typename in_t, int D>
+struct BackwardConfig {
+  using acc_t = typename Traits<in_t>::acc_t;
+  static constexpr int kWarps = Traits<in_t>::kBwdWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int R = 16 * kWarps;
+  static constexpr int N = Traits<in_t>::kBwdCols;
+  static constexpr int LDD = D + Traits<in_t>::kPad;
+  static constexpr int LDS = N + Traits<in_t>::kAccPad;
+  static constexpr int LDP = N + Traits<in_t>::kPad;
+  static_assert(D % 16 == 0 && N % 16 == 0, "tiles are made of 16x16 blocks");
+  static_assert(16 * LDS >= 256, "a warp's score rows double as its 16x16 staging area");
+
+  // Owned operands (R rows: key kernel K, W; query kernel Q, kbar, wbar),
+  // streamed operands (N rows: key kernel Q, kbar, wbar; query kernel K, W),
+  // score / cross tiles and the A operands of the accumulating products (key
+  // kernel c dz and -Pb; query kernel c dz).
+  struct Layout {
+    size_t own0, own1, own2, str0, str1, str2, s, c, a0, a1, v0, v1, v2, bytes;
+  };
+  __host__ __device__ static constexpr Layout layout(bool key_kernel) {
+    SmemCarver c;
+    Layout l{};
+    l.own0 = c.take<in_t>(R * LDD);
+    l.own1 = c.take<in_t>(R * LDD);
+    l.own2 = c.take<in_t>(key_kernel ? 0 : R * LDD);
+    l.str0 = c.take<in_t>(N * LDD);
+    l.str1 = c.take<in_t>(N * LDD);
+    l.str2 = c.take<in_t>(key_kernel ? N * LDD : 0);
+    l.s = c.take<acc_t>(R * LDS);
+    l.c = c.take<acc_t>(R * LDS);
+    l.a0 = c.take<in_t>(R * LDP);
+    l.a1 = c.take<in_t>(key_kernel ? R * LDP : 0);
+    l.v0 = c.take<acc_t>(N);
+    l.v1 = c.take<acc_t>(N);
+    l.v2 = c.take<acc_t>(N);
+    l.bytes = align_up(c.offset, 128);
+    return l;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Key kernel: dk, dw for a block of R keys.
+// ---------------------------------------------------------------------------
+template <typename in_t, int D>
+__global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
+    kappa_backward_key_kernel(const BackwardParams<in_t> p) {
+  using Cfg = BackwardConfig<in_t, D>;
+  using acc_t = typename Cfg::acc_t;
+  using Mma = WarpMma<in_t>;
+  constexpr int R = Cfg::R, N = Cfg::N, LDD = Cfg::LDD, LDS = Cfg::LDS, LDP = Cfg::LDP;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr auto L = Cfg::layout(/*key_kernel=*/true);
+  extern __shared__ __align__(128) unsigned char smem[];
+  in_t* Ks = reinterpret_cast<in_t*>(smem + L.own0);
+  in_t* Ws = reinterpret_cast<in_t*>(smem + L.own1);
+  in_t* Qs = reinterpret_cast<in_t*>(smem + L.str0);
+  in_t* KBs = reinterpret_cast<in_t*>(smem + L.str1);
+  in_t* WBs = reinterpret_cast<in_t*>(smem + L.str2);
+  acc_t* Ss = reinterpret_cast<acc_t*>(smem + L.s);
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem + L.c);
+  in_t* DZs = reinterpret_cast<in_t*>(smem + L.a0);
+  in_t* NPs = reinterpret_cast<in_t*>(smem + L.a1);  // -Pb, so one GEMM subtracts
+  acc_t* lse_s = reinterpret_cast<acc_t*>(smem + L.v0);
+  acc_t* hbar_s = reinterpret_cast<acc_t*>(smem + L.v1);
+  acc_t* betac_s = reinterpret_cast<acc_t*>(smem + L.v2);
+
+  const int64_t T = p.T;
+  const int d = p.d;
+  const int kb = static_cast<int>(blockIdx.x % p.n_blocks);
+  const int64_t bh = blockIdx.x / p.n_blocks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t bh_kv = b * (p.H / p.group) + h / p.group;
+  const int64_t s0 = static_cast<int64_t>(kb) * R;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = 16 * warp + (lane >> 1), half = lane & 1;
+  const int64_t s = s0 + row;  // this lane pair's key
+  const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
+  const bool key_ok = s < T && (mask_row == nullptr || mask_row[s]);
+  const acc_t g_s = key_ok ? p.g[bh * T + s] : acc_t(0);
+
+  load_tile<D, kThreads>(Ks, LDD, p.k + bh_kv * T * d, s0, R, T, d, mask_row);
+  load_tile<D, kThreads>(Ws, LDD, p.w + bh * T * d, s0, R, T, d, mask_row);
+  // Keys that are all padding (or past T) get zero gradients without a loop.
+  const bool any_key = __syncthreads_or(key_ok);
+  // Causal: only queries t >= s0 see these keys.
+  const int64_t u_begin = !any_key ? T : (p.causal ? (s0 / N) * N : 0);
+
+  const in_t* K_warp = Ks + 16 * warp * LDD;
+  const in_t* W_warp = Ws + 16 * warp * LDD;
+  acc_t* S_warp = Ss + 16 * warp * LDS;
+  acc_t* C_warp = Cs + 16 * warp * LDS;
+  in_t* DZ_warp = DZs + 16 * warp * LDP;
+  in_t* NP_warp = NPs + 16 * warp * LDP;
+
+  typename Mma::Acc acc_dk[D / 16], acc_dw[D / 16];
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    Mma::zero(acc_dk[j]);
+    Mma::zero(acc_dw[j]);
+  }
+  acc_t coef = 0;
+
+  for (int64_t u0 = u_begin; u0 < T; u0 += N) {
+    __syncthreads();  // the previous step's streamed tiles are no longer read
+    load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, u0, N, T, d, nullptr);
+    bool active = false;
+    for (int j = threadIdx.x; j < N; j += kThreads) {
+      const int64_t t = u0 + j;
+      const bool in_range = t < T;
+      lse_s[j] = in_range ? p.lse[bh * T + t] : -std::numeric_limits<acc_t>::infinity();
+      hbar_s[j] = in_range ? p.hbar[bh * T + t] : acc_t(0);
+      betac_s[j] = in_range ? p.beta_c[bh * T + t] : acc_t(0);
+      active = active || betac_s[j] != acc_t(0);
+    }
+    // stats rows are [kbar | wbar] (row stride 2d).
+    for (int idx = threadIdx.x; idx < N * D; idx += kThreads) {
+      const int r = idx / D, c = idx % D;
+      const int64_t t = u0 + r;
+      const bool ok = t < T && c < d;
+      const acc_t* stats_row = p.stats + (bh * T + t) * 2 * d;
+      KBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_row[c] : acc_t(0));
+      WBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_row[d + c] : acc_t(0));
+    }
+    // Query blocks in which no query has a gradient contribute nothing.
+    if (!__syncthreads_or(active)) continue;
+
+    // S^T = K Q^T and C^T = W kbar^T + K wbar^T for the warp's 16 keys.
+#pragma unroll 1
+    for (int n = 0; n < N / 16; ++n) {
+      typename Mma::Acc acc_s, acc_c;
+      Mma::zero(acc_s);
+      Mma::zero(acc_c);
+#pragma unroll 2
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Mma::rc(acc_s, K_warp + kk * 16, LDD, Qs + n * 16 * LDD + kk * 16, LDD);
+        Mma::rc(acc_c, W_warp + kk * 16, LDD, KBs + n * 16 * LDD + kk * 16, LDD);
+        Mma::rc(acc_c, K_warp + kk * 16, LDD, WBs + n * 16 * LDD + kk * 16, LDD);
+      }
+      Mma::store(S_warp + n * 16, LDS, acc_s);
+      Mma::store(C_warp + n * 16, LDS, acc_c);
+    }
+    __syncwarp();
+    for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
+      const int64_t t = u0 + j;
+      acc_t pb = 0, dz = 0;
+      if (key_ok && betac_s[j] != acc_t(0) && (!p.causal || s <= t)) {
+        const int r = lane >> 1;
+        const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - lse_s[j]);
+        pb = betac_s[j] * alpha;
+        dz = pb * (g_s - C_warp[r * LDS + j] - hbar_s[j]);
+      }
+      coef += pb;
+      DZ_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(p.scale * dz);
+      NP_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(-pb);
+    }
+    __syncwarp();
+#pragma unroll 1
+    for (int kk = 0; kk < N / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        Mma::rr(acc_dk[j], DZ_warp + kk * 16, LDP, Qs + kk * 16 * LDD + j * 16, LDD);
+        Mma::rr(acc_dk[j], NP_warp + kk * 16, LDP, WBs + kk * 16 * LDD + j * 16, LDD);
+        Mma::rr(acc_dw[j], NP_warp + kk * 16, LDP, KBs + kk * 16 * LDD + j * 16, LDD);
+      }
+    }
+  }
+  coef += shfl_xor(coef, 1);
+
+  // dk_s = acc_dk + coef_s w_s ; dw_s = acc_dw + coef_s k_s (zero for padded keys).
+  acc_t* dk_row = p.dk + (bh * T + s) * d;
+  acc_t* dw_row = p.dw + (bh * T + s) * d;
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    acc_t vk[8], vw[8];
+    unstage<in_t>(acc_dk[j], S_warp, vk);
+    unstage<in_t>(acc_dw[j], S_warp, vw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int col = j * 16 + half * 8 + i;
+      if (s < T && col < d) {
+        dk_row[col] = key_ok ? vk[i] + coef * to_acc(W_warp[(lane >> 1) * LDD + col]) : acc_t(0);
+        dw_row[col] = key_ok ? vw[i] + coef * to_acc(K_warp[(lane >> 1) * LDD + col]) : acc_t(0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Query kernel: dq for a block of R queries.
+// ---------------------------------------------------------------------------
+template <typename in_t, int D>
+__global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
+    kappa_backward_query_kernel(const BackwardParams<in_t> p) {
+  using Cfg = BackwardConfig<in_t, D>;
+  using acc_t = typename Cfg::acc_t;
+  using Mma = WarpMma<in_t>;
+  constexpr int R = Cfg::R, N = Cfg::N, LDD = Cfg::LDD, LDS = Cfg::LDS, LDP = Cfg::LDP;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr auto L = Cfg::layout(/*key_kernel=*/false);
+  extern __shared__ __align__(128) unsigned char smem[];
+  in_t* Qs = reinterpret_cast<in_t*>(smem + L.own0);
+  in_t* KBs = reinterpret_cast<in_t*>(smem + L.own1);
+  in_t* WBs = reinterpret_cast<in_t*>(smem + L.own2);
+  in_t* Ks = reinterpret_cast<in_t*>(smem + L.str0);
+  in_t* Ws = reinterpret_cast<in_t*>(smem + L.str1);
+  acc_t* Ss = reinterpret_cast<acc_t*>(smem + L.s);
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem + L.c);
+  in_t* DZs = reinterpret_cast<in_t*>(smem + L.a0);
+  acc_t* gs = reinterpret_cast<acc_t*>(smem + L.v0);
+  int* key_ok = reinterpret_cast<int*>(smem + L.v1);  // N ints fit in N acc_t
+
+  const int64_t T = p.T;
+  const int d = p.d;
+  // Heavy (late, causal) query blocks first.
+  const int qb = p.n_blocks - 1 - static_cast<int>(blockIdx.x % p.n_blocks);
+  const int64_t bh = blockIdx.x / p.n_blocks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t bh_kv = b * (p.H / p.group) + h / p.group;
+  const int64_t t0 = static_cast<int64_t>(qb) * R;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = 16 * warp + (lane >> 1), half = lane & 1;
+  const int64_t t = t0 + row;
+  const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
+  const bool in_range = t < T;
+  const acc_t row_lse = in_range ? p.lse[bh * T + t] : acc_t(0);
+  const acc_t row_hbar = in_range ? p.hbar[bh * T + t] : acc_t(0);
+  const acc_t row_betac = in_range ? p.beta_c[bh * T + t] : acc_t(0);
+  const bool active = row_betac != acc_t(0);
+
+  const acc_t* stats_bh = p.stats + bh * T * 2 * d;
+  load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, t0, R, T, d, nullptr);
+  for (int idx = threadIdx.x; idx < R * D; idx += kThreads) {
+    const int r = idx / D, c = idx % D;
+    const int64_t tt = t0 + r;
+    const bool ok = tt < T && c < d;
+    KBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_bh[tt * 2 * d + c] : acc_t(0));
+    WBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_bh[tt * 2 * d + d + c] : acc_t(0));
+  }
+  const bool any_active = __syncthreads_or(active);
+  const int64_t key_end = !any_active ? 0 : (p.causal ? min(T, t0 + R) : T);
+
+  const in_t* Q_warp = Qs + 16 * warp * LDD;
+  const in_t* KB_warp = KBs + 16 * warp * LDD;
+  const in_t* WB_warp = WBs + 16 * warp * LDD;
+  acc_t* S_warp = Ss + 16 * warp * LDS;
+  acc_t* C_warp = Cs + 16 * warp * LDS;
+  in_t* DZ_warp = DZs + 16 * warp * LDP;
+
+  typename Mma::Acc acc_dq[D / 16];
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) Mma::zero(acc_dq[j]);
+
+  for (int64_t s0 = 0; s0 < key_end; s0 += N) {
+    __syncthreads();
+    load_tile<D, kThreads>(Ks, LDD, p.k + bh_kv * T * d, s0, N, T, d, mask_row);
+    load_tile<D, kThreads>(Ws, LDD, p.w + bh * T * d, s0, N, T, d, mask_row);
+    for (int j = threadIdx.x; j < N; j += kThreads) {
+      const int64_t s = s0 + j;
+      const bool ok = s < T && (mask_row == nullptr || mask_row[s]);
+      key_ok[j] = ok;
+      gs[j] = ok ? p.g[bh * T + s] : acc_t(0);
+    }
+    __syncthreads();
+    // S = Q K^T and C = kbar W^T + wbar K^T for the warp's 16 queries.
+#pragma unroll 1
+    for (int n = 0; n < N / 16; ++n) {
+      typename Mma::Acc acc_s, acc_c;
+      Mma::zero(acc_s);
+      Mma::zero(acc_c);
+#pragma unroll 2
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Mma::rc(acc_s, Q_warp + kk * 16, LDD, Ks + n * 16 * LDD + kk * 16, LDD);
+        Mma::rc(acc_c, KB_warp + kk * 16, LDD, Ws + n * 16 * LDD + kk * 16, LDD);
+        Mma::rc(acc_c, WB_warp + kk * 16, LDD, Ks + n * 16 * LDD + kk * 16, LDD);
+      }
+      Mma::store(S_warp + n * 16, LDS, acc_s);
+      Mma::store(C_warp + n * 16, LDS, acc_c);
+    }
+    __syncwarp();
+    for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
+      const int64_t s = s0 + j;
+      acc_t dz = 0;
+      if (active && key_ok[j] != 0 && (!p.causal || s <= t)) {
+        const int r = lane >> 1;
+        const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - row_lse);
+        dz = row_betac * alpha * (gs[j] - C_warp[r * LDS + j] - row_hbar);
+      }
+      DZ_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(p.scale * dz);
+    }
+    __syncwarp();
+#pragma unroll 1
+    for (int kk = 0; kk < N / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        Mma::rr(acc_dq[j], DZ_warp + kk * 16, LDP, Ks + kk * 16 * LDD + j * 16, LDD);
+      }
+    }
+  }
+
+  acc_t* dq_row = p.dq + (bh * T + t) * d;
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    acc_t v[8];
+    unstage<in_t>(acc_dq[j], S_warp, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int col = j * 16 + half * 8 + i;
+      if (t < T && col < d) dq_row[col] = v[i];
+    }
+  }
+}
+
+template <typename in_t, typename Kernel>
+void launch(Kernel kernel, size_t smem, int threads, int64_t blocks, const BackwardParams<in_t>& p) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "token_margins backward: too many tiles for one launch: ", blocks);
+  set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "token_margins backward");
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename in_t, int D>
+void launch_backward(BackwardParams<in_t> p, int64_t BH) {
+  using Cfg = BackwardConfig<in_t, D>;
+  constexpr size_t query_smem = Cfg::layout(false).bytes, key_smem = Cfg::layout(true).bytes;
+  p.n_blocks = static_cast<int>((p.T + Cfg::R - 1) / Cfg::R);
+  const int64_t blocks = BH * p.n_blocks;
+  launch<in_t>(&kappa_backward_query_kernel<in_t, D>, query_smem, Cfg::kThreads, blocks, p);
+  launch<in_t>(&kappa_backward_key_kernel<in_t, D>, key_smem, Cfg::kThreads, blocks, p);
+}
+
+}  // namespace
+}  // namespace cuda
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(
+    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  cuda::check_core_inputs(q);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const auto opts = q.options().dtype(acc);
+  // Every element is written by the kernels (zeros where nothing flows).
+  at::Tensor dq = at::empty({B, H, T, d}, opts);
+  at::Tensor dk = at::empty({B, H, T, d}, opts);
+  at::Tensor dw = at::empty({B, H, T, d}, opts);
+  if (B * H * T == 0) return {dq, dk, dw};
+  const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), w_c = w.contiguous();
+  const at::Tensor beta = grad_kappa.to(acc).contiguous();
+  const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
+  const at::Tensor mask =
+      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor g = at::empty({B, H, T}, opts);
+  at::Tensor hbar = at::empty({B, H, T}, opts);
+  at::Tensor beta_c = at::empty({B, H, T}, opts);
+  cuda::launch_row_prep(k_c, w_c, stats_c, kappa_c, lse_c, beta, scale, g, hbar, beta_c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kappa_backward_cuda",
+                                  [&] {
+    using in_t = typename cuda::NativeType<scalar_t>::type;
+    using acc_t = typename cuda::Traits<in_t>::acc_t;
+    cuda::BackwardParams<in_t> p;
+    p.q = reinterpret_cast<const in_t*>(q_c.data_ptr());
+    p.k = reinterpret_cast<const in_t*>(k_c.data_ptr());
+    p.w = reinterpret_cast<const in_t*>(w_c.data_ptr());
+    p.stats = stats_c.data_ptr<acc_t>();
+    p.lse = lse_c.data_ptr<acc_t>();
+    p.g = g.data_ptr<acc_t>();
+    p.hbar = hbar.data_ptr<acc_t>();
+    p.beta_c = beta_c.data_ptr<acc_t>();
+    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    p.dq = dq.data_ptr<acc_t>();
+    p.dk = dk.data_ptr<acc_t>();
+    p.dw = dw.data_ptr<acc_t>();
+    p.T = T;
+    p.H = static_cast<int>(H);
+    p.group = static_cast<int>(H / k.size(1));
+    p.d = static_cast<int>(d);
+    p.n_blocks = 0;
+    p.scale = static_cast<acc_t>(scale);
+    p.causal = causal;
+    if (d <= 64) {
+      cuda::launch_backward<in_t, 64>(p, B * H);
+    } else {
+      cuda::launch_backward<in_t, 128>(p, B * H);
+    }
+  });
+  return {dq, dk, dw};
+}
+
+}  // namespace barrier_ops
