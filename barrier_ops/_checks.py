@@ -21,6 +21,29 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def _check_mask(
+    key_padding_mask: Optional[torch.Tensor], B: int, T: int, device: torch.device, owner: str
+) -> None:
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(
+            f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
+        )
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (B, T):
+        raise ValueError(
+            f"key_padding_mask must have shape [B, T]=[{B}, {T}], got {_shape(key_padding_mask)}"
+        )
+    if key_padding_mask.device != device:
+        raise ValueError(
+            f"key_padding_mask must be on {owner}'s device {device}, got {key_padding_mask.device}"
+        )
+
+
 def check_attention_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,23 +136,7 @@ def check_attention_inputs(
                 f"a per-head scalar coupling [H] means A_h = a_h * I and needs v's head dim dv == d, "
                 f"got d={d}, dv={dv}; pass an [H, d, dv] coupling"
             )
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(
-                f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
-            )
-        if tuple(key_padding_mask.shape) != (B, T):
-            raise ValueError(
-                f"key_padding_mask must have shape [B, T]=[{B}, {T}], got {_shape(key_padding_mask)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(
-                f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}"
-            )
+    _check_mask(key_padding_mask, B, T, q.device, "q")
 
 
 def resolve_scale(scale: Optional[float], d: int) -> float:
@@ -169,26 +176,7 @@ def check_margins_and_mask(
         raise ValueError(
             f"margins must be [B, T] or [B, H, T], got shape {_shape(margins)}"
         )
-    if key_padding_mask is None:
-        return
-    if not isinstance(key_padding_mask, torch.Tensor):
-        raise TypeError(
-            f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
-        )
-    if key_padding_mask.dtype != torch.bool:
-        raise TypeError(
-            f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
-        )
-    B, T = margins.shape[0], margins.shape[-1]
-    if tuple(key_padding_mask.shape) != (B, T):
-        raise ValueError(
-            f"key_padding_mask must have shape [B, T]=[{B}, {T}] to match margins {_shape(margins)}, "
-            f"got {_shape(key_padding_mask)}"
-        )
-    if key_padding_mask.device != margins.device:
-        raise ValueError(
-            f"key_padding_mask must be on margins' device {margins.device}, got {key_padding_mask.device}"
-        )
+    _check_mask(key_padding_mask, margins.shape[0], margins.shape[-1], margins.device, "margins")
 
 
 def margin_dtype(input_dtype: torch.dtype) -> torch.dtype:
