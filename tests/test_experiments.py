@@ -183,3 +183,17 @@ def test_data_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod.shutil, "which", lambda name: None)
     with pytest.raises(data_mod.CorpusNotFoundError, match="apt-get install -y bible-kjv"):
         data_mod.load_splits(None)
+
+
+def test_cli_set_overrides(tmp_path):
+    from barrier_ops.experiments.train import build_parser, overrides_from_args
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: x\n")
+    args = build_parser().parse_args(["--config", str(cfg_file), "--set", "barrier.coupling=identity",
+                                      "--set", "train.lr=1e-3", "--lambda", "0.02"])
+    cfg = load_config(args.config, overrides_from_args(args))
+    assert cfg.barrier.coupling == "identity" and cfg.train.lr == 1e-3 and cfg.train.lam == 0.02
+    args = build_parser().parse_args(["--config", str(cfg_file), "--set", "barrier.coupling"])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        overrides_from_args(args)

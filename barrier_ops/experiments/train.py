@@ -194,12 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None, help="output dir (default runs/<name>/lam<lambda>_seed<seed>)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set barrier.coupling=identity (YAML value)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def parse_sets(sets) -> dict:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def overrides_from_args(args) -> dict:
-    return {"data.path": args.data, "train.lambda": args.lam, "train.seed": args.seed,
+    return {**parse_sets(args.sets), "data.path": args.data, "train.lambda": args.lam, "train.seed": args.seed,
             "train.steps": args.steps, "train.device": args.device}
 
 
