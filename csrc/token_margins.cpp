@@ -48,10 +48,6 @@ at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
   return at::cat({k_h, w_a, g}, -1).contiguous();
 }
 
-inline bool key_allowed(bool causal, const bool* mask_row, int64_t s, int64_t t) {
-  return (!causal || s <= t) && (mask_row == nullptr || mask_row[s]);
-}
-
 // exp for the softmax weights. std::exp is a library call per element and
 // dominates the fused loops; this float version (Cephes' expf polynomial,
 // about 2 ulp on [-87, 88]) is plain arithmetic, so the loops around it
@@ -79,6 +75,100 @@ inline float softmax_exp(float x) {
 }
 inline double softmax_exp(double x) { return std::exp(x); }
 
+#define BARRIER_OPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// The three element-wise row loops of the fused kernels. Keys j >= allowed_end
+// (after the query, causal) or with key_mask[j] false get weight exactly 0.
+// The reductions may be reassociated (omp simd): a max, and sums of
+// non-negative weights, where the order changes nothing beyond rounding; it
+// lets them vectorize without -ffast-math.
+template <typename T>
+BARRIER_OPS_ALWAYS_INLINE T row_scale_max_impl(T* row, int64_t nk, T scale, int64_t allowed_end,
+                                               const bool* key_mask) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T block_max = neg_inf;
+#pragma omp simd reduction(max : block_max)
+  for (int64_t j = 0; j < nk; ++j) {
+    const bool ok = j < allowed_end && (key_mask == nullptr || key_mask[j]);
+    row[j] = ok ? scale * row[j] : neg_inf;
+    block_max = std::max(block_max, row[j]);
+  }
+  return block_max;
+}
+
+template <typename T>
+BARRIER_OPS_ALWAYS_INLINE T row_exp_sum_impl(T* row, int64_t nk, T shift) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < nk; ++j) {
+    const T e = softmax_exp(row[j] - shift);
+    row[j] = row[j] == neg_inf ? T(0) : e;
+    sum += row[j];
+  }
+  return sum;
+}
+
+// scores -> dz_ts, cross -> Pb_ts = beta_t c alpha_ts, coef_s += Pb_ts.
+template <typename T>
+BARRIER_OPS_ALWAYS_INLINE void row_backward_impl(T* scores, T* cross, const T* g, T* coef,
+                                                 int64_t nk, int64_t allowed_end,
+                                                 const bool* key_mask, T scale, T lse, T beta_c,
+                                                 T hbar) {
+#pragma omp simd
+  for (int64_t j = 0; j < nk; ++j) {
+    const bool ok = j < allowed_end && (key_mask == nullptr || key_mask[j]);
+    const T alpha = ok ? softmax_exp(scale * scores[j] - lse) : T(0);
+    const T pb = beta_c * alpha;
+    scores[j] = pb * (g[j] - cross[j] - hbar);
+    cross[j] = pb;
+    coef[j] += pb;
+  }
+}
+
+}  // namespace
+
+// The extension is built for the baseline ISA so that one binary runs on any
+// x86-64 machine; the float row loops are also compiled for x86-64-v3 (AVX2,
+// FMA) and v4 (AVX-512), and the loader picks the best one (GCC ifunc).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define BARRIER_OPS_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BARRIER_OPS_CPU_CLONES
+#endif
+
+namespace detail {
+
+BARRIER_OPS_CPU_CLONES float row_scale_max(float* row, int64_t nk, float scale,
+                                           int64_t allowed_end, const bool* key_mask) {
+  return row_scale_max_impl(row, nk, scale, allowed_end, key_mask);
+}
+double row_scale_max(double* row, int64_t nk, double scale, int64_t allowed_end,
+                     const bool* key_mask) {
+  return row_scale_max_impl(row, nk, scale, allowed_end, key_mask);
+}
+BARRIER_OPS_CPU_CLONES float row_exp_sum(float* row, int64_t nk, float shift) {
+  return row_exp_sum_impl(row, nk, shift);
+}
+double row_exp_sum(double* row, int64_t nk, double shift) {
+  return row_exp_sum_impl(row, nk, shift);
+}
+BARRIER_OPS_CPU_CLONES void row_backward(float* scores, float* cross, const float* g, float* coef,
+                                         int64_t nk, int64_t allowed_end, const bool* key_mask,
+                                         float scale, float lse, float beta_c, float hbar) {
+  row_backward_impl(scores, cross, g, coef, nk, allowed_end, key_mask, scale, lse, beta_c, hbar);
+}
+void row_backward(double* scores, double* cross, const double* g, double* coef, int64_t nk,
+                  int64_t allowed_end, const bool* key_mask, double scale, double lse,
+                  double beta_c, double hbar) {
+  row_backward_impl(scores, cross, g, coef, nk, allowed_end, key_mask, scale, lse, beta_c, hbar);
+}
+
+}  // namespace detail
+
+namespace {
+
 template <typename scalar_t>
 void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, int64_t t0,
                          int64_t nq, int64_t T, int64_t d, double scale_d, bool causal,
@@ -102,40 +192,18 @@ void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, in
     at::mm_out(scores, q_block, key_rows.narrow(1, 0, d).t());
     scalar_t* sp = scores.data_ptr<scalar_t>();
     const int64_t ld = scores.stride(0);
-    const bool all_allowed = (!causal || s0 + nk - 1 <= t0) && mask_row == nullptr;
+    const bool* key_mask = mask_row ? mask_row + s0 : nullptr;
     for (int64_t i = 0; i < nq; ++i) {
       scalar_t* row = sp + i * ld;
-      const int64_t t = t0 + i;
-      scalar_t block_max = neg_inf;
-      // The reductions below may be reassociated (omp simd): sums of
-      // non-negative weights and a max, where the order changes nothing
-      // beyond rounding. It lets them vectorize without -ffast-math.
-      if (all_allowed) {
-#pragma omp simd reduction(max : block_max)
-        for (int64_t j = 0; j < nk; ++j) {
-          row[j] *= scale;
-          block_max = std::max(block_max, row[j]);
-        }
-      } else {
-#pragma omp simd reduction(max : block_max)
-        for (int64_t j = 0; j < nk; ++j) {
-          row[j] = key_allowed(causal, mask_row, s0 + j, t) ? scale * row[j] : neg_inf;
-          block_max = std::max(block_max, row[j]);
-        }
-      }
+      const int64_t allowed_end = causal ? std::min(nk, t0 + i - s0 + 1) : nk;
+      const scalar_t block_max = detail::row_scale_max(row, nk, scale, allowed_end, key_mask);
       if (block_max == neg_inf) {
         std::fill(row, row + nk, scalar_t(0));
         continue;
       }
       const scalar_t new_max = std::max(row_max[i], block_max);
       const scalar_t correction = softmax_exp(row_max[i] - new_max);
-      scalar_t block_sum = 0;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t j = 0; j < nk; ++j) {
-        const scalar_t e = softmax_exp(row[j] - new_max);
-        row[j] = row[j] == neg_inf ? scalar_t(0) : e;
-        block_sum += row[j];
-      }
+      const scalar_t block_sum = detail::row_exp_sum(row, nk, new_max);
       row_sum[i] = row_sum[i] * correction + block_sum;
       row_max[i] = new_max;
       if (correction != scalar_t(1)) {
@@ -268,22 +336,10 @@ void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::
           std::fill(crow, crow + nk, scalar_t(0));
           continue;
         }
-        const scalar_t row_lse = lse[t];
-        const scalar_t beta_c = beta[t] * scale;
-        const scalar_t row_hbar = hbar[i];
-        const scalar_t* g_block = g_col + s0;
-        scalar_t* coef_block = coef + s0;
-        // Keys past t (causal) or padded get alpha = 0 through an exact select,
-        // which keeps this loop branch-free and vectorizable.
-        const int64_t causal_end = causal ? std::min<int64_t>(nk, t - s0 + 1) : nk;
-        for (int64_t j = 0; j < nk; ++j) {
-          const bool ok = j < causal_end && (mask_row == nullptr || mask_row[s0 + j]);
-          const scalar_t alpha = ok ? softmax_exp(scale * srow[j] - row_lse) : scalar_t(0);
-          const scalar_t pb = beta_c * alpha;
-          srow[j] = pb * (g_block[j] - crow[j] - row_hbar);  // scores now hold dz_ts
-          crow[j] = pb;                                      // cross now holds Pb_ts
-          coef_block[j] += pb;
-        }
+        const int64_t allowed_end = causal ? std::min<int64_t>(nk, t - s0 + 1) : nk;
+        detail::row_backward(srow, crow, g_col + s0, coef + s0, nk, allowed_end,
+                             mask_row ? mask_row + s0 : nullptr, scale, lse[t], beta[t] * scale,
+                             hbar[i]);
       }
       dq_acc.addmm_(scores, k_block);
       kq_h.narrow(0, s0, nk).addmm_(scores.t(), q_block);
