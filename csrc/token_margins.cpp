@@ -46,17 +46,20 @@ class BlasOnCallingThread {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 
-// w = A_h v for every query head, in the accumulation dtype. GQA: query head
-// h reads kv head h / (H / Hkv), so v is repeated per group first.
-at::Tensor coupled_values(const at::Tensor& v, const std::optional<at::Tensor>& coupling,
-                          int64_t H) {
-  const auto acc = accumulation_dtype(v.scalar_type());
-  const int64_t group = H / v.size(1);
-  at::Tensor v_h = v.to(acc);
-  if (group > 1) v_h = v_h.repeat_interleave(group, 1);
+// A kv-head tensor [B, Hkv, T, *] as one slice per query head [B, H, T, *] in
+// the accumulation dtype. GQA: query head h reads kv head h / (H / Hkv).
+at::Tensor per_query_head(const at::Tensor& kv, int64_t H) {
+  const int64_t group = H / kv.size(1);
+  at::Tensor out = kv.to(accumulation_dtype(kv.scalar_type()));
+  return group > 1 ? out.repeat_interleave(group, 1) : out;
+}
+
+// w = A_h v for every query head, in the accumulation dtype, from v already
+// sliced per query head.
+at::Tensor coupled_values(const at::Tensor& v_h, const std::optional<at::Tensor>& coupling) {
   if (!coupling.has_value()) return v_h;
-  const at::Tensor A = coupling->to(acc);
-  if (A.dim() == 1) return v_h * A.view({1, H, 1, 1});
+  const at::Tensor A = coupling->to(v_h.scalar_type());
+  if (A.dim() == 1) return v_h * A.view({1, -1, 1, 1});
   return at::matmul(v_h, A.transpose(-1, -2));  // [B,H,T,dv] x [H,dv,d]
 }
 
@@ -64,11 +67,8 @@ at::Tensor coupled_values(const at::Tensor& v, const std::optional<at::Tensor>& 
 // the softmax weights against this gives sum(alpha k), sum(alpha w) and
 // sum(alpha g) together.
 at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
-  const auto acc = accumulation_dtype(k.scalar_type());
-  const int64_t group = H / k.size(1);
-  at::Tensor k_h = k.to(acc);
-  if (group > 1) k_h = k_h.repeat_interleave(group, 1);
-  const at::Tensor w_a = w.to(acc);
+  const at::Tensor k_h = per_query_head(k, H);
+  const at::Tensor w_a = w.to(k_h.scalar_type());
   const at::Tensor g = (k_h * w_a).sum(-1, /*keepdim=*/true);
   return at::cat({k_h, w_a, g}, -1).contiguous();
 }
@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_with(
     const std::optional<at::Tensor>& coupling, double scale, bool causal,
     const std::optional<at::Tensor>& key_padding_mask, bool combine_heads) {
   check_attention_inputs(q, k, v, coupling, key_padding_mask, scale);
-  const at::Tensor w = coupled_values(v, coupling, q.size(1)).to(q.scalar_type());
+  const at::Tensor w = coupled_values(per_query_head(v, q.size(1)), coupling).to(q.scalar_type());
   auto [kappa, lse, stats] = core(q, k, w, scale, causal, key_padding_mask);
   // Invalid positions carry kappa = 0, so their margin is exactly 1.
   at::Tensor margins = combine_heads ? at::rsub(kappa.sum(1), 1.0) : at::rsub(kappa, 1.0);
@@ -450,7 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backwar
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), group = H / Hkv, dv_dim = v.size(3);
   const auto acc = accumulation_dtype(q.scalar_type());
-  const at::Tensor w = coupled_values(v, coupling, H).to(q.scalar_type());
+  // w is recomputed (one GEMM) rather than saved: the forward keeps only
+  // kappa, lse and [kbar | wbar].
+  const at::Tensor v_h = per_query_head(v, H);
+  const at::Tensor w = coupled_values(v_h, coupling).to(q.scalar_type());
   auto [dq, dk_h, dw] = core(grad_kappa.to(acc), q, k, w, kappa, lse, stats, scale, causal,
                              key_padding_mask);
   // A kv head's gradient is the sum over the query heads of its group.
@@ -461,8 +464,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backwar
     dv_h = dw;
     dcoupling = at::empty({0}, q.options());
   } else {
-    at::Tensor v_h = v.to(acc);
-    if (group > 1) v_h = v_h.repeat_interleave(group, 1);
     const at::Tensor A = coupling->to(acc);
     if (A.dim() == 1) {
       dv_h = dw * A.view({1, H, 1, 1});
