@@ -309,7 +309,7 @@ namespace {
 // so (b, h) tasks never race.
 template <typename scalar_t>
 void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::Tensor& g_h,
-                   const at::Tensor& stats_h,
+                   const at::Tensor& stats_h, const at::Tensor& swapped_stats_h,
                    const scalar_t* beta, const scalar_t* kappa, const scalar_t* lse, int64_t T,
                    int64_t d, double scale_d, bool causal, const bool* mask_row,
                    at::Tensor& dq_h, at::Tensor& kq_h, at::Tensor& bars_h, scalar_t* coef,
@@ -333,8 +333,7 @@ void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::
     if (!any_active) continue;
     const at::Tensor q_block = q_h.narrow(0, t0, nq);
     const at::Tensor stats_block = stats_h.narrow(0, t0, nq);
-    const at::Tensor kbar_block = stats_block.narrow(1, 0, d);
-    const at::Tensor wbar_block = stats_block.narrow(1, d, d);
+    const at::Tensor swapped_block = swapped_stats_h.narrow(0, t0, nq);
     at::Tensor dq_acc = dq_buf.narrow(0, 0, nq);
     dq_acc.zero_();
     const int64_t key_end = causal ? t0 + nq : T;
@@ -342,13 +341,12 @@ void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::
       const int64_t nk = std::min(kKeyBlock, key_end - s0);
       const at::Tensor key_rows = packed_h.narrow(0, s0, nk);
       const at::Tensor k_block = key_rows.narrow(1, 0, d);
-      const at::Tensor w_block = key_rows.narrow(1, d, d);
       at::Tensor scores = scores_buf.narrow(0, 0, nq).narrow(1, 0, nk);
       at::Tensor cross = cross_buf.narrow(0, 0, nq).narrow(1, 0, nk);
       at::mm_out(scores, q_block, k_block.t());
-      // cross_ts = <kbar_t, w_s> + <wbar_t, k_s>, so h_ts = g_s - cross_ts.
-      at::mm_out(cross, kbar_block, w_block.t());
-      cross.addmm_(wbar_block, k_block.t());
+      // cross_ts = <wbar_t, k_s> + <kbar_t, w_s> = [wbar|kbar]_t . [k|w]_s in
+      // one GEMM of width 2d, so h_ts = g_s - cross_ts.
+      at::mm_out(cross, swapped_block, key_rows.narrow(1, 0, 2 * d).t());
       scalar_t* sp = scores.data_ptr<scalar_t>();
       scalar_t* cp = cross.data_ptr<scalar_t>();
       const int64_t lds = scores.stride(0), ldc = cross.stride(0);
@@ -390,6 +388,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
   const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
   const at::Tensor stats_c = stats.contiguous();
+  // [wbar | kbar]: the saved [kbar | wbar] with halves swapped, to pair with
+  // the packed [k | w] in the cross GEMM.
+  const at::Tensor swapped_stats =
+      at::cat({stats_c.narrow(-1, d, d), stats_c.narrow(-1, 0, d)}, -1);
   const at::Tensor mask =
       key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor dq = at::zeros({B, H, T, d}, opts);
@@ -411,7 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / H, h = bh % H;
           at::Tensor dq_h = dq[b][h], kq_h = kq[b][h], bars_h = bars[b][h];
-          backward_head<scalar_t>(q_a[b][h], packed[b][h], g[b][h], stats_c[b][h], beta_ptr + bh * T,
+          backward_head<scalar_t>(q_a[b][h], packed[b][h], g[b][h], stats_c[b][h],
+                                  swapped_stats[b][h], beta_ptr + bh * T,
                                   kappa_ptr + bh * T, lse_ptr + bh * T, T, d, scale, causal,
                                   mask_ptr ? mask_ptr + b * T : nullptr, dq_h, kq_h, bars_h,
                                   coef_ptr + bh * T, scores_buf, cross_buf, dq_buf);
