@@ -235,13 +235,39 @@ def margin_barrier_loss(
         A scalar (or ``[B, H, T]`` / ``[B, T]`` for ``"none"``), float32
         (float64 for float64 inputs), differentiable w.r.t. q, k, v, coupling.
     """
+    return barrier_and_margins(
+        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+        combine_heads=combine_heads, eps=eps, reduction=reduction,
+    )[0]
+
+
+def barrier_and_margins(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    coupling: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    combine_heads: bool = False,
+    eps: float = 1e-2,
+    reduction: str = "mean",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(margin_barrier_loss, token_margins)`` from one fused pass.
+
+    For callers that need both (the training integrations log the margins):
+    the op computes the margins anyway, so this saves a second O(T^2) pass.
+    Arguments and checks are those of :func:`margin_barrier_loss`.
+    """
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
     c = _checks.resolve_scale(scale, q.shape[-1])
     eps = _checks.check_eps(eps)
     _checks.check_reduction(reduction)
-    return _ops.margin_barrier_loss.default(
+    out = _ops.margin_barrier_loss.default(
         q, k, v, coupling, c, bool(causal), key_padding_mask, bool(combine_heads), eps, reduction
-    )[0]
+    )
+    return out[0], out[1]
 
 
 def support_token_argmin(

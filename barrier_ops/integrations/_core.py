@@ -19,41 +19,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .. import _checks
-from ..ops import support_token_argmin
-
-_ops = torch.ops.barrier_ops
+from ..ops import barrier_and_margins, support_token_argmin
 
 COUPLINGS = ("identity", "weights")
 HANDLE_ATTR = "_barrier_ops_handle"
 LAYER_ATTR = "_barrier_ops_layer"
-
-
-def layer_barrier(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    coupling: Optional[torch.Tensor],
-    scale: Optional[float],
-    causal: bool,
-    key_padding_mask: Optional[torch.Tensor],
-    combine_heads: bool,
-    eps: float,
-    reduction: str,
-):
-    """``(barrier, margins)`` of one layer from one call of the fused op.
-
-    Same checks and arguments as :func:`barrier_ops.margin_barrier_loss`, which
-    returns only the barrier; the op itself also returns the margins it
-    computed, and the statistics need them, so calling the op directly saves a
-    second O(T^2) pass through :func:`barrier_ops.token_margins`.
-    """
-    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    c = _checks.resolve_scale(scale, q.shape[-1])
-    out = _ops.margin_barrier_loss.default(
-        q, k, v, coupling, c, bool(causal), key_padding_mask, bool(combine_heads), eps, reduction
-    )
-    return out[0], out[1]
 
 
 def padding_from_attention_mask(mask: Any, batch: int, length: int) -> Optional[torch.Tensor]:
@@ -227,7 +197,7 @@ class BarrierHandle:
             )
         coupling = None if layer.coupling_fn is None else layer.coupling_fn(q.shape[1], q.dtype)
         reduction = "mean" if self._num_items is None else "sum"
-        barrier, margins = layer_barrier(
+        barrier, margins = barrier_and_margins(
             q, k, v,
             coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
             combine_heads=self.combine_heads, eps=self.eps, reduction=reduction,
