@@ -81,6 +81,18 @@ void check_margins_and_mask(const at::Tensor& margins,
 void check_saved_state(const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& kappa,
                        const at::Tensor& lse, const at::Tensor& stats);
 
+// support_token_argmin's device-independent part, shared by every backend:
+// checked, contiguous inputs and the outputs, one row per [b] or [b, h].
+struct ArgminRows {
+  at::Tensor margins;  // contiguous [B, T] or [B, H, T]
+  at::Tensor mask;     // contiguous bool [B, T], or undefined
+  at::Tensor indices;  // int64, margins.shape[:-1]
+  at::Tensor values;   // margins' dtype, margins.shape[:-1]
+  int64_t rows, heads, T;
+};
+ArgminRows prepare_argmin_rows(const at::Tensor& margins,
+                               const std::optional<at::Tensor>& key_padding_mask);
+
 inline at::ScalarType accumulation_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -15,16 +15,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> support_token_argmin_cpu(
     const at::Tensor& margins, const std::optional<at::Tensor>& key_padding_mask) {
-  check_margins_and_mask(margins, key_padding_mask);
-  const int64_t B = margins.size(0), T = margins.size(-1);
-  const int64_t heads = margins.dim() == 3 ? margins.size(1) : 1;
-  const at::Tensor m = margins.contiguous();
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const auto row_shape = margins.sizes().slice(0, margins.dim() - 1);
-  at::Tensor indices = at::empty(row_shape, margins.options().dtype(at::kLong));
-  at::Tensor values = at::empty(row_shape, margins.options());
-  const int64_t rows = B * heads;
+  const ArgminRows p = prepare_argmin_rows(margins, key_padding_mask);
+  const at::Tensor &m = p.margins, &mask = p.mask, &indices = p.indices, &values = p.values;
+  const int64_t rows = p.rows, heads = p.heads, T = p.T;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, m.scalar_type(),
                                   "support_token_argmin_cpu", [&] {
     const scalar_t* mp = m.data_ptr<scalar_t>();
@@ -55,6 +48,21 @@ std::tuple<at::Tensor, at::Tensor> support_token_argmin_cpu(
 }
 
 }  // namespace
+
+ArgminRows prepare_argmin_rows(const at::Tensor& margins,
+                               const std::optional<at::Tensor>& key_padding_mask) {
+  check_margins_and_mask(margins, key_padding_mask);
+  const auto row_shape = margins.sizes().slice(0, margins.dim() - 1);
+  const int64_t heads = margins.dim() == 3 ? margins.size(1) : 1;
+  return ArgminRows{
+      margins.contiguous(),
+      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor(),
+      at::empty(row_shape, margins.options().dtype(at::kLong)),
+      at::empty(row_shape, margins.options()),
+      margins.size(0) * heads,
+      heads,
+      margins.size(-1)};
+}
 
 TORCH_LIBRARY_FRAGMENT(barrier_ops, m) {
   m.def("support_token_argmin(Tensor margins, Tensor? key_padding_mask) -> (Tensor, Tensor)",

@@ -73,17 +73,10 @@ __global__ void __launch_bounds__(kArgminThreads)
 
 std::tuple<at::Tensor, at::Tensor> support_token_argmin_cuda(
     const at::Tensor& margins, const std::optional<at::Tensor>& key_padding_mask) {
-  check_margins_and_mask(margins, key_padding_mask);
   const c10::cuda::CUDAGuard device_guard(margins.device());
-  const int64_t B = margins.size(0), T = margins.size(-1);
-  const int64_t heads = margins.dim() == 3 ? margins.size(1) : 1;
-  const at::Tensor m = margins.contiguous();
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const auto row_shape = margins.sizes().slice(0, margins.dim() - 1);
-  at::Tensor indices = at::empty(row_shape, margins.options().dtype(at::kLong));
-  at::Tensor values = at::empty(row_shape, margins.options());
-  const int64_t rows = B * heads;
+  const ArgminRows p = prepare_argmin_rows(margins, key_padding_mask);
+  const at::Tensor &m = p.margins, &mask = p.mask, &indices = p.indices, &values = p.values;
+  const int64_t rows = p.rows, heads = p.heads, T = p.T;
   if (rows == 0) return {indices, values};
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "support_token_argmin: too many rows ",
               rows);
