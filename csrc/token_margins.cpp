@@ -2,6 +2,7 @@
 // fused CPU cores (flash-attention style: query blocks in parallel, an online
 // softmax over key blocks, never a T x T buffer).
 #include "barrier_ops.h"
+#include "cpu_blas.h"
 
 #include <ATen/Parallel.h>
 
@@ -12,34 +13,11 @@
 #include <limits>
 #include <vector>
 
-// MKL's thread-local thread count, exported by torch builds that link MKL;
-// weak, so a torch built with another BLAS loads this extension too. This is
-// the C entry point (mkl_service.h maps mkl_set_num_threads_local to it); the
-// lowercase symbol is the Fortran one, which takes an int*.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace barrier_ops {
 
 namespace {
 
-// The block GEMMs run inside at::parallel_for tasks and must stay on the
-// calling thread. Under torch's default settings MKL otherwise opens a nested
-// parallel region per call, which costs more than the small GEMM itself
-// (measured here: 2 threads slower than 1, 3-5x slower with a passive OpenMP
-// wait policy).
-class BlasOnCallingThread {
- public:
-  BlasOnCallingThread()
-      : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~BlasOnCallingThread() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-  BlasOnCallingThread(const BlasOnCallingThread&) = delete;
-  BlasOnCallingThread& operator=(const BlasOnCallingThread&) = delete;
-
- private:
-  int previous_;
-};
+using cpu::Trans;
 
 // Block sizes trade GEMM efficiency (larger blocks) against scratch per
 // thread; 64 x 128 keeps each block's scores inside L2 for d up to 256.
@@ -73,6 +51,11 @@ at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
   return at::cat({k_h, w_a, g}, -1).contiguous();
 }
 
+// The row loops below are compiled once per ISA clone; GCC inlines a helper
+// built for the baseline ISA into an x86-64-v4 clone only when forced (the
+// arch differs), and a call per element defeats the vectorization.
+#define BARRIER_OPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // exp for the softmax weights. std::exp is a library call per element and
 // dominates the fused loops; this float version (Cephes' expf polynomial,
 // about 2 ulp on [-87, 88]) is plain arithmetic, so the loops around it
@@ -80,7 +63,7 @@ at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
 // its row max or lse); below -87 the result is ~1e-38 instead of 0, and
 // callers map masked (-inf) entries to an exact 0 themselves. float64 keeps
 // std::exp: it is the accuracy path.
-inline float softmax_exp(float x) {
+BARRIER_OPS_ALWAYS_INLINE float softmax_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   x = std::min(std::max(x, -87.0f), 88.0f);
@@ -98,31 +81,44 @@ inline float softmax_exp(float x) {
   std::memcpy(&two_to_n, &exponent_bits, sizeof(float));
   return y * two_to_n;
 }
-inline double softmax_exp(double x) { return std::exp(x); }
-
-#define BARRIER_OPS_ALWAYS_INLINE inline __attribute__((always_inline))
+BARRIER_OPS_ALWAYS_INLINE double softmax_exp(double x) { return std::exp(x); }
 
 // The three element-wise row loops of the fused kernels. Keys j >= allowed_end
 // (after the query, causal) or with key_mask[j] false get weight exactly 0.
-// The reductions may be reassociated (omp simd): a max, and sums of
-// non-negative weights, where the order changes nothing beyond rounding; it
-// lets them vectorize without -ffast-math.
+// Each loop runs over the allowed prefix only, with the mask (when there is
+// one) applied as a select, and zero-fills the tail separately: a loop body
+// with a branch in it is not vectorized by GCC even under omp simd, and these
+// loops then ran scalar (measured: the backward row loop was 11% of a
+// fwd+bwd at T=1024). The mask is read as bytes because GCC has no vector
+// type for bool loads. The reductions may be reassociated (omp simd): a max,
+// and sums of non-negative weights, where the order changes nothing beyond
+// rounding; it lets them vectorize without -ffast-math.
 template <typename T>
-BARRIER_OPS_ALWAYS_INLINE T row_scale_max_impl(T* row, int64_t nk, T scale, int64_t allowed_end,
-                                               const bool* key_mask) {
+BARRIER_OPS_ALWAYS_INLINE T row_scale_max_impl(T* __restrict row, int64_t nk, T scale,
+                                               int64_t allowed_end, const bool* key_mask) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t n = std::min(nk, allowed_end);
   T block_max = neg_inf;
+  if (key_mask == nullptr) {
 #pragma omp simd reduction(max : block_max)
-  for (int64_t j = 0; j < nk; ++j) {
-    const bool ok = j < allowed_end && (key_mask == nullptr || key_mask[j]);
-    row[j] = ok ? scale * row[j] : neg_inf;
-    block_max = std::max(block_max, row[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] *= scale;
+      block_max = std::max(block_max, row[j]);
+    }
+  } else {
+    const uint8_t* __restrict keep = reinterpret_cast<const uint8_t*>(key_mask);
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = keep[j] != 0 ? scale * row[j] : neg_inf;
+      block_max = std::max(block_max, row[j]);
+    }
   }
+  for (int64_t j = std::max<int64_t>(n, 0); j < nk; ++j) row[j] = neg_inf;
   return block_max;
 }
 
 template <typename T>
-BARRIER_OPS_ALWAYS_INLINE T row_exp_sum_impl(T* row, int64_t nk, T shift) {
+BARRIER_OPS_ALWAYS_INLINE T row_exp_sum_impl(T* __restrict row, int64_t nk, T shift) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -136,18 +132,34 @@ BARRIER_OPS_ALWAYS_INLINE T row_exp_sum_impl(T* row, int64_t nk, T shift) {
 
 // scores -> dz_ts, cross -> Pb_ts = beta_t c alpha_ts, coef_s += Pb_ts.
 template <typename T>
-BARRIER_OPS_ALWAYS_INLINE void row_backward_impl(T* scores, T* cross, const T* g, T* coef,
+BARRIER_OPS_ALWAYS_INLINE void row_backward_impl(T* __restrict scores, T* __restrict cross,
+                                                 const T* __restrict g, T* __restrict coef,
                                                  int64_t nk, int64_t allowed_end,
                                                  const bool* key_mask, T scale, T lse, T beta_c,
                                                  T hbar) {
+  const int64_t n = std::min(nk, allowed_end);
+  if (key_mask == nullptr) {
 #pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    const bool ok = j < allowed_end && (key_mask == nullptr || key_mask[j]);
-    const T alpha = ok ? softmax_exp(scale * scores[j] - lse) : T(0);
-    const T pb = beta_c * alpha;
-    scores[j] = pb * (g[j] - cross[j] - hbar);
-    cross[j] = pb;
-    coef[j] += pb;
+    for (int64_t j = 0; j < n; ++j) {
+      const T pb = beta_c * softmax_exp(scale * scores[j] - lse);
+      scores[j] = pb * (g[j] - cross[j] - hbar);
+      cross[j] = pb;
+      coef[j] += pb;
+    }
+  } else {
+    const uint8_t* __restrict keep = reinterpret_cast<const uint8_t*>(key_mask);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T alpha = softmax_exp(scale * scores[j] - lse);
+      const T pb = keep[j] != 0 ? beta_c * alpha : T(0);
+      scores[j] = pb * (g[j] - cross[j] - hbar);
+      cross[j] = pb;
+      coef[j] += pb;
+    }
+  }
+  for (int64_t j = std::max<int64_t>(n, 0); j < nk; ++j) {
+    scores[j] = 0;
+    cross[j] = 0;
   }
 }
 
@@ -194,32 +206,30 @@ void row_backward(double* scores, double* cross, const double* g, double* coef, 
 
 namespace {
 
+// One query block [t0, t0 + nq) of one (b, h) against all its keys. packed:
+// this head's [k | w | g] rows (T x width). scores: kQueryBlock x kKeyBlock
+// scratch; accum: kQueryBlock x width scratch.
 template <typename scalar_t>
-void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, int64_t t0,
-                         int64_t nq, int64_t T, int64_t d, double scale_d, bool causal,
-                         const bool* mask_row, at::Tensor& scores_buf, at::Tensor& accum_buf,
-                         scalar_t* kappa, scalar_t* lse, scalar_t* stats) {
+void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_t t0, int64_t nq,
+                         int64_t T, int64_t d, double scale_d, bool causal, const bool* mask_row,
+                         scalar_t* scores, scalar_t* accum, scalar_t* kappa, scalar_t* lse,
+                         scalar_t* stats) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t width = 2 * d + 1;
   std::vector<scalar_t> row_max(nq, neg_inf), row_sum(nq, 0);
-  at::Tensor accum = accum_buf.narrow(0, 0, nq);
-  accum.zero_();
-  scalar_t* accum_ptr = accum.data_ptr<scalar_t>();
-  const int64_t accum_ld = accum.stride(0);
+  std::fill(accum, accum + nq * width, scalar_t(0));
   // Causal: keys after the block's last query are never allowed, so those
   // blocks are skipped rather than computed and masked.
   const int64_t key_end = causal ? t0 + nq : T;
   for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, key_end - s0);
-    const at::Tensor key_rows = packed.narrow(0, s0, nk);
-    at::Tensor scores = scores_buf.narrow(0, 0, nq).narrow(1, 0, nk);
-    at::mm_out(scores, q_block, key_rows.narrow(1, 0, d).t());
-    scalar_t* sp = scores.data_ptr<scalar_t>();
-    const int64_t ld = scores.stride(0);
+    const scalar_t* key_rows = packed + s0 * width;
+    cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, d, scalar_t(1), q_block, d, key_rows, width,
+              scalar_t(0), scores, kKeyBlock);
     const bool* key_mask = mask_row ? mask_row + s0 : nullptr;
     for (int64_t i = 0; i < nq; ++i) {
-      scalar_t* row = sp + i * ld;
+      scalar_t* row = scores + i * kKeyBlock;
       const int64_t allowed_end = causal ? std::min(nk, t0 + i - s0 + 1) : nk;
       const scalar_t block_max = detail::row_scale_max(row, nk, scale, allowed_end, key_mask);
       if (block_max == neg_inf) {
@@ -232,18 +242,19 @@ void forward_query_block(const at::Tensor& q_block, const at::Tensor& packed, in
       row_sum[i] = row_sum[i] * correction + block_sum;
       row_max[i] = new_max;
       if (correction != scalar_t(1)) {
-        scalar_t* acc_row = accum_ptr + i * accum_ld;
+        scalar_t* acc_row = accum + i * width;
         for (int64_t c = 0; c < width; ++c) acc_row[c] *= correction;
       }
     }
-    accum.addmm_(scores, key_rows);
+    cpu::gemm(Trans::kNo, Trans::kNo, nq, width, nk, scalar_t(1), scores, kKeyBlock, key_rows,
+              width, scalar_t(1), accum, width);
   }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t t = t0 + i;
     const bool valid = row_sum[i] > 0 && (mask_row == nullptr || mask_row[t]);
     if (!valid) continue;  // outputs keep their "invalid" fill: kappa 0, lse -inf, stats 0
     const scalar_t inv = scalar_t(1) / row_sum[i];
-    const scalar_t* acc_row = accum_ptr + i * accum_ld;
+    const scalar_t* acc_row = accum + i * width;
     scalar_t* stat_row = stats + t * 2 * d;
     scalar_t kw = 0;
     for (int64_t c = 0; c < d; ++c) {
@@ -264,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale, bool causal,
     const std::optional<at::Tensor>& key_padding_mask) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t width = 2 * d + 1;
   const auto acc = accumulation_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const at::Tensor q_a = q.to(acc).contiguous();
@@ -277,23 +289,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cpu(
   if (B * H * n_qblocks == 0) return {kappa, lse, stats};
   AT_DISPATCH_FLOATING_TYPES(acc, "kappa_forward_cpu", [&] {
     const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
+    const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
     scalar_t* kappa_ptr = kappa.data_ptr<scalar_t>();
     scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
     scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
     at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-      const BlasOnCallingThread single_threaded_blas;
-      at::Tensor scores_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
-      at::Tensor accum_buf = at::empty({kQueryBlock, 2 * d + 1}, opts);
+      const cpu::BlasOnCallingThread single_threaded_blas;
+      std::vector<scalar_t> scores(kQueryBlock * kKeyBlock), accum(kQueryBlock * width);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / n_qblocks, b = bh / H, h = bh % H;
+        const int64_t bh = task / n_qblocks, b = bh / H;
         const int64_t t0 = (task % n_qblocks) * kQueryBlock;
         const int64_t nq = std::min(kQueryBlock, T - t0);
         const bool* mask_row = mask_ptr ? mask_ptr + b * T : nullptr;
         if (mask_row && std::none_of(mask_row + t0, mask_row + t0 + nq, [](bool x) { return x; }))
           continue;  // every query of the block is padding: no margins to compute
-        forward_query_block<scalar_t>(q_a[b][h].narrow(0, t0, nq), packed[b][h], t0, nq, T, d,
-                                      scale, causal, mask_row, scores_buf, accum_buf,
-                                      kappa_ptr + bh * T, lse_ptr + bh * T,
+        forward_query_block<scalar_t>(q_ptr + (bh * T + t0) * d, packed_ptr + bh * T * width, t0,
+                                      nq, T, d, scale, causal, mask_row, scores.data(),
+                                      accum.data(), kappa_ptr + bh * T, lse_ptr + bh * T,
                                       stats_ptr + bh * T * 2 * d);
       }
     });
@@ -303,73 +316,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cpu(
 
 namespace {
 
-// Backward of one (b, h): query blocks outer, key blocks inner, from the
-// spec's formulas with alpha recomputed from the saved lse. Key-side sums
-// (sum_t dz q_t, sum_t Pb [kbar|wbar], coef) land in this (b, h)'s own rows,
-// so (b, h) tasks never race.
+// One (b, h)'s operands and outputs, all contiguous rows of this head.
 template <typename scalar_t>
-void backward_head(const at::Tensor& q_h, const at::Tensor& packed_h, const at::Tensor& g_h,
-                   const at::Tensor& stats_h, const at::Tensor& swapped_stats_h,
-                   const scalar_t* beta, const scalar_t* kappa, const scalar_t* lse, int64_t T,
-                   int64_t d, double scale_d, bool causal, const bool* mask_row,
-                   at::Tensor& dq_h, at::Tensor& kq_h, at::Tensor& bars_h, scalar_t* coef,
-                   at::Tensor& scores_buf, at::Tensor& cross_buf, at::Tensor& dq_buf) {
+struct HeadBackward {
+  const scalar_t* q;        // T x d
+  const scalar_t* packed;   // T x (2d + 1): [k | w | g]
+  const scalar_t* g;        // T
+  const scalar_t* stats;    // T x 2d: [kbar | wbar]
+  const scalar_t* swapped;  // T x 2d: [wbar | kbar]
+  const scalar_t* beta;     // T: dL/dkappa
+  const scalar_t* kappa;    // T
+  const scalar_t* lse;      // T
+  const bool* mask_row;     // T, or nullptr
+  scalar_t* dq;             // T x d, zero on entry
+  scalar_t* dk;             // T x d
+  scalar_t* dw;             // T x d
+};
+
+// Per-thread scratch of the backward: one block's scores/cross, and the
+// key-side sums of the head being processed.
+template <typename scalar_t>
+struct BackwardScratch {
+  BackwardScratch(int64_t T, int64_t d)
+      : scores(kQueryBlock * kKeyBlock), cross(kQueryBlock * kKeyBlock), kq(T * d),
+        bars(T * 2 * d), coef(T), hbar(kQueryBlock) {}
+  std::vector<scalar_t> scores, cross;
+  std::vector<scalar_t> kq;    // c sum_t dz_ts q_t
+  std::vector<scalar_t> bars;  // sum_t Pb_ts [kbar_t | wbar_t]
+  std::vector<scalar_t> coef;  // sum_t Pb_ts
+  std::vector<scalar_t> hbar;
+};
+
+// Backward of one (b, h): query blocks outer, key blocks inner, from the
+// spec's formulas with alpha recomputed from the saved lse. The key-side sums
+// stay in this thread's scratch until the head is done, then become dk, dw:
+//   dk_s = c sum_t dz q_t + coef_s w_s - sum_t Pb wbar_t
+//   dw_s = coef_s k_s - sum_t Pb kbar_t
+template <typename scalar_t>
+void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>& scratch,
+                   int64_t T, int64_t d, double scale_d, bool causal) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
-  const scalar_t* g_col = g_h.data_ptr<scalar_t>();
-  const scalar_t* stats_ptr = stats_h.data_ptr<scalar_t>();
-  std::vector<scalar_t> hbar(kQueryBlock);
+  const int64_t width = 2 * d + 1;
+  scalar_t* scores = scratch.scores.data();
+  scalar_t* cross = scratch.cross.data();
+  scalar_t* kq = scratch.kq.data();
+  scalar_t* bars = scratch.bars.data();
+  scalar_t* coef = scratch.coef.data();
+  std::fill(scratch.kq.begin(), scratch.kq.end(), scalar_t(0));
+  std::fill(scratch.bars.begin(), scratch.bars.end(), scalar_t(0));
+  std::fill(scratch.coef.begin(), scratch.coef.end(), scalar_t(0));
   for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock) {
     const int64_t nq = std::min(kQueryBlock, T - t0);
     bool any_active = false;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = t0 + i;
-      const bool active = std::isfinite(lse[t]) && beta[t] != scalar_t(0);
+      const bool active = std::isfinite(head.lse[t]) && head.beta[t] != scalar_t(0);
       any_active = any_active || active;
       scalar_t kw = 0;
-      const scalar_t* stat_row = stats_ptr + t * 2 * d;
+      const scalar_t* stat_row = head.stats + t * 2 * d;
       for (int64_t c = 0; c < d; ++c) kw += stat_row[c] * stat_row[d + c];
-      hbar[i] = kappa[t] / scale - kw;
+      scratch.hbar[i] = head.kappa[t] / scale - kw;
     }
     if (!any_active) continue;
-    const at::Tensor q_block = q_h.narrow(0, t0, nq);
-    const at::Tensor stats_block = stats_h.narrow(0, t0, nq);
-    const at::Tensor swapped_block = swapped_stats_h.narrow(0, t0, nq);
-    at::Tensor dq_acc = dq_buf.narrow(0, 0, nq);
-    dq_acc.zero_();
+    const scalar_t* q_block = head.q + t0 * d;
+    const scalar_t* stats_block = head.stats + t0 * 2 * d;
     const int64_t key_end = causal ? t0 + nq : T;
     for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, key_end - s0);
-      const at::Tensor key_rows = packed_h.narrow(0, s0, nk);
-      const at::Tensor k_block = key_rows.narrow(1, 0, d);
-      at::Tensor scores = scores_buf.narrow(0, 0, nq).narrow(1, 0, nk);
-      at::Tensor cross = cross_buf.narrow(0, 0, nq).narrow(1, 0, nk);
-      at::mm_out(scores, q_block, k_block.t());
+      const scalar_t* key_rows = head.packed + s0 * width;  // k_s at column 0, w_s at d
+      cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, d, scalar_t(1), q_block, d, key_rows, width,
+                scalar_t(0), scores, kKeyBlock);
       // cross_ts = <wbar_t, k_s> + <kbar_t, w_s> = [wbar|kbar]_t . [k|w]_s in
       // one GEMM of width 2d, so h_ts = g_s - cross_ts.
-      at::mm_out(cross, swapped_block, key_rows.narrow(1, 0, 2 * d).t());
-      scalar_t* sp = scores.data_ptr<scalar_t>();
-      scalar_t* cp = cross.data_ptr<scalar_t>();
-      const int64_t lds = scores.stride(0), ldc = cross.stride(0);
+      cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, 2 * d, scalar_t(1), head.swapped + t0 * 2 * d,
+                2 * d, key_rows, width, scalar_t(0), cross, kKeyBlock);
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t t = t0 + i;
-        scalar_t* srow = sp + i * lds;
-        scalar_t* crow = cp + i * ldc;
-        const bool active = std::isfinite(lse[t]) && beta[t] != scalar_t(0);
+        scalar_t* srow = scores + i * kKeyBlock;
+        scalar_t* crow = cross + i * kKeyBlock;
+        const bool active = std::isfinite(head.lse[t]) && head.beta[t] != scalar_t(0);
         if (!active) {
           std::fill(srow, srow + nk, scalar_t(0));
           std::fill(crow, crow + nk, scalar_t(0));
           continue;
         }
         const int64_t allowed_end = causal ? std::min<int64_t>(nk, t - s0 + 1) : nk;
-        detail::row_backward(srow, crow, g_col + s0, coef + s0, nk, allowed_end,
-                             mask_row ? mask_row + s0 : nullptr, scale, lse[t], beta[t] * scale,
-                             hbar[i]);
+        detail::row_backward(srow, crow, head.g + s0, coef + s0, nk, allowed_end,
+                             head.mask_row ? head.mask_row + s0 : nullptr, scale, head.lse[t],
+                             head.beta[t] * scale, scratch.hbar[i]);
       }
-      dq_acc.addmm_(scores, k_block);
-      kq_h.narrow(0, s0, nk).addmm_(scores.t(), q_block);
-      bars_h.narrow(0, s0, nk).addmm_(cross.t(), stats_block);
+      // dq_t += c sum_s dz_ts k_s ; kq_s += c sum_t dz_ts q_t ; bars_s += sum_t Pb_ts stats_t
+      cpu::gemm(Trans::kNo, Trans::kNo, nq, d, nk, scale, scores, kKeyBlock, key_rows, width,
+                scalar_t(1), head.dq + t0 * d, d);
+      cpu::gemm(Trans::kYes, Trans::kNo, nk, d, nq, scale, scores, kKeyBlock, q_block, d,
+                scalar_t(1), kq + s0 * d, d);
+      cpu::gemm(Trans::kYes, Trans::kNo, nk, 2 * d, nq, scalar_t(1), cross, kKeyBlock,
+                stats_block, 2 * d, scalar_t(1), bars + s0 * 2 * d, 2 * d);
     }
-    dq_h.narrow(0, t0, nq).copy_(dq_acc).mul_(scale);
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    const scalar_t* k_row = head.packed + s * width;
+    const scalar_t* w_row = k_row + d;
+    const scalar_t* kbar_sum = bars + s * 2 * d;
+    const scalar_t* wbar_sum = kbar_sum + d;
+    const scalar_t* kq_row = kq + s * d;
+    scalar_t* dk_row = head.dk + s * d;
+    scalar_t* dw_row = head.dw + s * d;
+    const scalar_t coef_s = coef[s];
+    for (int64_t c = 0; c < d; ++c) {
+      dk_row[c] = kq_row[c] + coef_s * w_row[c] - wbar_sum[c];
+      dw_row[c] = coef_s * k_row[c] - kbar_sum[c];
+    }
   }
 }
 
@@ -380,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
     const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
     bool causal, const std::optional<at::Tensor>& key_padding_mask) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t width = 2 * d + 1;
   const auto acc = accumulation_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const at::Tensor q_a = q.to(acc).contiguous();
@@ -394,40 +452,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
       at::cat({stats_c.narrow(-1, d, d), stats_c.narrow(-1, 0, d)}, -1);
   const at::Tensor mask =
       key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  at::Tensor dq = at::zeros({B, H, T, d}, opts);
-  at::Tensor kq = at::zeros({B, H, T, d}, opts);        // sum_t dz_ts q_t
-  at::Tensor bars = at::zeros({B, H, T, 2 * d}, opts);  // sum_t Pb_ts [kbar_t | wbar_t]
-  at::Tensor coef = at::zeros({B, H, T}, opts);         // sum_t Pb_ts
+  at::Tensor dq = at::zeros({B, H, T, d}, opts);  // query blocks with no active row stay 0
+  at::Tensor dk = at::empty({B, H, T, d}, opts);  // every row written by its head
+  at::Tensor dw = at::empty({B, H, T, d}, opts);
   if (B * H * T > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "kappa_backward_cpu", [&] {
       const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-      const scalar_t* beta_ptr = beta.data_ptr<scalar_t>();
-      const scalar_t* kappa_ptr = kappa_c.data_ptr<scalar_t>();
-      const scalar_t* lse_ptr = lse_c.data_ptr<scalar_t>();
-      scalar_t* coef_ptr = coef.data_ptr<scalar_t>();
+      const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
+      const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
+      const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+      const scalar_t* stats_ptr = stats_c.const_data_ptr<scalar_t>();
+      const scalar_t* swapped_ptr = swapped_stats.const_data_ptr<scalar_t>();
+      const scalar_t* beta_ptr = beta.const_data_ptr<scalar_t>();
+      const scalar_t* kappa_ptr = kappa_c.const_data_ptr<scalar_t>();
+      const scalar_t* lse_ptr = lse_c.const_data_ptr<scalar_t>();
+      scalar_t* dq_ptr = dq.data_ptr<scalar_t>();
+      scalar_t* dk_ptr = dk.data_ptr<scalar_t>();
+      scalar_t* dw_ptr = dw.data_ptr<scalar_t>();
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        const BlasOnCallingThread single_threaded_blas;
-        at::Tensor scores_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
-        at::Tensor cross_buf = at::empty({kQueryBlock, kKeyBlock}, opts);
-        at::Tensor dq_buf = at::empty({kQueryBlock, d}, opts);
+        const cpu::BlasOnCallingThread single_threaded_blas;
+        BackwardScratch<scalar_t> scratch(T, d);
         for (int64_t bh = begin; bh < end; ++bh) {
-          const int64_t b = bh / H, h = bh % H;
-          at::Tensor dq_h = dq[b][h], kq_h = kq[b][h], bars_h = bars[b][h];
-          backward_head<scalar_t>(q_a[b][h], packed[b][h], g[b][h], stats_c[b][h],
-                                  swapped_stats[b][h], beta_ptr + bh * T,
-                                  kappa_ptr + bh * T, lse_ptr + bh * T, T, d, scale, causal,
-                                  mask_ptr ? mask_ptr + b * T : nullptr, dq_h, kq_h, bars_h,
-                                  coef_ptr + bh * T, scores_buf, cross_buf, dq_buf);
+          const int64_t rows = bh * T;
+          const HeadBackward<scalar_t> head{q_ptr + rows * d,
+                                            packed_ptr + rows * width,
+                                            g_ptr + rows,
+                                            stats_ptr + rows * 2 * d,
+                                            swapped_ptr + rows * 2 * d,
+                                            beta_ptr + rows,
+                                            kappa_ptr + rows,
+                                            lse_ptr + rows,
+                                            mask_ptr ? mask_ptr + (bh / H) * T : nullptr,
+                                            dq_ptr + rows * d,
+                                            dk_ptr + rows * d,
+                                            dw_ptr + rows * d};
+          backward_head<scalar_t>(head, scratch, T, d, scale, causal);
         }
       });
     });
   }
-  const at::Tensor k_h = packed.narrow(-1, 0, d);
-  const at::Tensor w_h = packed.narrow(-1, d, d);
-  const at::Tensor coef_col = coef.unsqueeze(-1);
-  // dk_s = c sum_t dz q_t + coef_s w_s - sum_t Pb wbar_t ; dw_s = coef_s k_s - sum_t Pb kbar_t
-  at::Tensor dk = kq.mul_(scale).addcmul_(coef_col, w_h).sub_(bars.narrow(-1, d, d));
-  at::Tensor dw = (coef_col * k_h).sub_(bars.narrow(-1, 0, d));
   return {dq, dk, dw};
 }
 
