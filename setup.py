@@ -12,6 +12,7 @@ build of torch are present, with or without a GPU. Switches:
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -37,13 +38,28 @@ def _want_cuda() -> bool:
     return possible
 
 
+def _openmp_flags() -> list:
+    """-fopenmp when torch's intra-op pool is OpenMP.
+
+    at::parallel_for is inlined from ATen's headers: without -fopenmp its
+    `omp parallel` region is compiled out and every CPU kernel runs on one
+    thread, whatever torch.set_num_threads says. The extension then links the
+    libgomp.so.1 that libtorch_cpu has already loaded (same soname), so torch
+    and the kernels share one OpenMP runtime and one thread count.
+    """
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _extension():
     debug = os.environ.get("BARRIER_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    openmp = _openmp_flags()
     # -fopenmp-simd honours the kernels' `omp simd` loop pragmas (vectorized
-    # reductions) without linking an OpenMP runtime.
-    extra = {"cxx": opt + ["-fopenmp-simd", "-fdiagnostics-color=always"]}
+    # reductions) even where there is no OpenMP runtime to link.
+    extra = {"cxx": opt + openmp + ["-fopenmp-simd", "-fdiagnostics-color=always"]}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -56,10 +72,15 @@ def _extension():
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
+            extra_link_args=openmp,
             libraries=["cublasLt", "cublas"],
         )
     return CppExtension(
-        "barrier_ops._C", sources, include_dirs=include_dirs, extra_compile_args=extra
+        "barrier_ops._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+        extra_link_args=openmp,
     )
 
 
