@@ -16,6 +16,7 @@ statistics. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -50,17 +51,7 @@ def _loss_fn(impl):
     raise ValueError(impl)
 
 
-def _time(fn, repeats):
-    fn()  # warm-up: compilation, first-touch allocations
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def time_impl(impl, shape, repeats):
+def _closures(impl, shape):
     q, k, v = _inputs(*shape)
     loss_fn = _loss_fn(impl)
 
@@ -72,7 +63,51 @@ def time_impl(impl, shape, repeats):
         loss = loss_fn(q, k, v)
         torch.autograd.grad(loss, [q, k, v])
 
-    return {"forward_s": _time(forward, repeats), "fwd_bwd_s": _time(forward_backward, repeats)}
+    return {"forward_s": forward, "fwd_bwd_s": forward_backward}
+
+
+def time_impls(impls, shape, repeats):
+    """Median seconds per call for each impl, timed round-robin.
+
+    The implementations take turns within each repeat, so a slow phase of a
+    shared machine hits all of them rather than whichever ran then; the
+    per-repeat ratios to the fused op are kept for the same reason. The
+    garbage collector is off while timing, as in timeit.
+    """
+    fns, samples = {}, {}
+    for impl in impls:
+        try:
+            fns[impl] = _closures(impl, shape)
+            for fn in fns[impl].values():
+                fn()  # warm-up: compilation, first-touch allocations
+        except RuntimeError as e:  # out of memory and the like: report, keep going
+            fns.pop(impl, None)
+            samples[impl] = {"error": str(e).splitlines()[0]}
+            continue
+        samples[impl] = {key: [] for key in fns[impl]}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for impl, impl_fns in fns.items():
+                for key, fn in impl_fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[impl][key].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    results = {}
+    for impl in impls:
+        if "error" in samples[impl]:
+            results[impl] = {"forward_s": None, "fwd_bwd_s": None, **samples[impl]}
+            continue
+        results[impl] = {key: statistics.median(v) for key, v in samples[impl].items()}
+        if impl != "fused" and "fused" in fns:
+            paired = [a / b for a, b in zip(samples[impl]["fwd_bwd_s"], samples["fused"]["fwd_bwd_s"])]
+            results[impl]["fwd_bwd_ratio_range"] = [min(paired), max(paired)]
+    return results
 
 
 def _status_kib(field):
@@ -141,13 +176,10 @@ def main():
     for T in args.T:
         shape = (args.B, args.H, args.Hkv, T, args.d)
         row = {"T": T, "B": args.B, "H": args.H, "Hkv": args.Hkv, "d": args.d}
+        timings = time_impls(impls, shape, args.repeats)
         for impl in impls:
-            try:
-                timing = time_impl(impl, shape, args.repeats)
-            except RuntimeError as e:  # out of memory and the like: report, keep going
-                timing = {"forward_s": None, "fwd_bwd_s": None, "error": str(e).splitlines()[0]}
             peak, err = measure_memory(impl, shape, args.threads)
-            row[impl] = dict(timing, peak_bytes=peak, **({"memory_error": err} if err else {}))
+            row[impl] = dict(timings[impl], peak_bytes=peak, **({"memory_error": err} if err else {}))
             print(f"  T={T} {impl}: {row[impl]}", file=sys.stderr, flush=True)
         rows.append(row)
 
@@ -155,7 +187,8 @@ def main():
         a, b = row[impl].get(key), row["fused"].get(key)
         return a / b if a and b else None
 
-    header = f"{'T':>6} | {'impl':>8} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | {'peak MiB':>9} | {'fwd+bwd x':>9} | {'mem x':>7}"
+    header = (f"{'T':>6} | {'impl':>8} | {'fwd ms':>9} | {'fwd+bwd ms':>10} | {'peak MiB':>9} | "
+              f"{'fwd+bwd x':>9} | {'paired x range':>14} | {'mem x':>7}")
     lines = [f"CPU benchmark, margin_barrier_loss, B={args.B} H={args.H} Hkv={args.Hkv} d={args.d}, causal; {device}",
              header, "-" * len(header)]
     for row in rows:
@@ -164,12 +197,15 @@ def main():
             fmt = lambda x, s=1e3: f"{x * s:.1f}" if x is not None else "n/a"  # noqa: E731
             sp = ratio(row, impl, "fwd_bwd_s")
             mem = ratio(row, impl, "peak_bytes")
+            span = r.get("fwd_bwd_ratio_range")
+            span = f"{span[0]:.2f}-{span[1]:.2f}" if span else "-"
             lines.append(
                 f"{row['T']:>6} | {impl:>8} | {fmt(r['forward_s']):>9} | {fmt(r['fwd_bwd_s']):>10} | "
                 f"{fmt(r['peak_bytes'], 1 / 2**20):>9} | {(f'{sp:.2f}' if sp else 'n/a'):>9} | "
-                f"{(f'{mem:.1f}' if mem else 'n/a'):>7}"
+                f"{span:>14} | {(f'{mem:.1f}' if mem else 'n/a'):>7}"
             )
     lines.append("x columns: the implementation's time (memory) over the fused op's; > 1 means fused is better.")
+    lines.append("paired x range: min-max over repeats of that repeat's fwd+bwd time over the fused op's.")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
