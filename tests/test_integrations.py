@@ -245,6 +245,24 @@ def test_hf_term_logits_and_gradients_match_reference(arch, attn, coupling):
     assert model.config._attn_implementation == attn
 
 
+def test_hf_causality_comes_from_the_layer_not_the_sdpa_hint(monkeypatch):
+    # GPT-2 in transformers 4.5x calls the attention function with
+    # is_causal=False whenever the causal structure is inside attention_mask
+    # (a hint for SDPA); the barrier must still use causal attention.
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = HF_MODELS["gpt2"](attn="sdpa")
+    handle = barrier_ops.attach(model, 0.3)
+    seen = []
+    record = handle._record
+    monkeypatch.setattr(handle, "_record", lambda *a, **kw: seen.append(kw["causal"]) or record(*a, **kw))
+    layer = model.transformer.h[0].attn
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    ALL_ATTENTION_FUNCTIONS["barrier_sdpa"](layer, q, q, q, None, dropout=0.0, is_causal=False)
+    assert seen == [True]
+    barrier_ops.detach(model)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_padding_is_honoured(arch):
     """Changing the ids of padded positions changes neither the term nor the support tokens."""

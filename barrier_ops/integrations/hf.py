@@ -21,12 +21,17 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-try:  # transformers >= 4.53 builds masks through its own interface
+try:  # AttentionInterface arrived in 4.51, AttentionMaskInterface in 4.53
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-except ImportError:  # pragma: no cover - older transformers
-    ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+except ImportError as error:  # pragma: no cover - depends on the installed transformers
+    import transformers
+
+    raise ImportError(
+        "barrier_ops' Hugging Face integration needs transformers>=4.53 (AttentionInterface and "
+        f"AttentionMaskInterface); found transformers {transformers.__version__}. "
+        "pip install 'barrier-ops[hf]' installs a suitable one."
+    ) from error
 
 from ._core import (
     LAYER_ATTR,
@@ -73,9 +78,14 @@ def _make_attention(original_name: str) -> Callable:
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", None)
-        is_causal = kwargs.get("is_causal")
+        # The layer's own flag first: the is_causal kwarg is a dispatch hint to
+        # SDPA. GPT-2 in transformers 4.5x passes is_causal=False whenever the
+        # causal structure is already inside attention_mask.
+        is_causal = getattr(module, "is_causal", None)
         if is_causal is None:
-            is_causal = getattr(module, "is_causal", True)
+            is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = True
         padding = padding_from_attention_mask(attention_mask, query.shape[0], query.shape[2])
         state.handle._record(
             state, query, key, value, scale=scaling, causal=bool(is_causal), key_padding_mask=padding
@@ -94,7 +104,7 @@ def register(original_name: str) -> str:
     if name not in _registered:
         fn = _make_attention(original_name)
         AttentionInterface.register(name, fn)
-        if AttentionMaskInterface is not None and original_name in ALL_MASK_ATTENTION_FUNCTIONS:
+        if original_name in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original_name])
         _registered[name] = fn
     return name
