@@ -360,16 +360,47 @@ def test_hf_reentrant_checkpointing_warns():
         model(input_ids=idx, attention_mask=mask, labels=labels).loss.backward()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hf_attention_layer_compiles_fullgraph(arch):
-    """One attention layer, the barrier included, traced with fullgraph=True, equals eager."""
-    model = HF_MODELS[arch]()
-    handle = barrier_ops.attach(model, 0.3, coupling="weights")
-    attn = model.model.layers[0].self_attn if arch == "llama" else model.transformer.h[0].attn
+def _first_attention(model, arch):
+    return model.model.layers[0].self_attn if arch == "llama" else model.transformer.h[0].attn
+
+
+def _attention_inputs(model, arch):
     hidden = torch.randn(2, 12, 16, dtype=torch.float64)
     kwargs = {}
     if arch == "llama":
         kwargs["position_embeddings"] = model.model.rotary_emb(hidden, torch.arange(12).unsqueeze(0))
+    return hidden, kwargs
+
+
+def _skip_unless_plain_attention_traces(arch):
+    """Skip where transformers' own attention dispatch does not trace, barrier or not.
+
+    torch 2.4's dynamo cannot trace ALL_ATTENTION_FUNCTIONS[...] (transformers'
+    AttentionInterface); the un-attached layer fails the same way there, so
+    the barrier's compile support is only testable on a newer torch.
+    """
+    model = HF_MODELS[arch]()
+    hidden, kwargs = _attention_inputs(model, arch)
+    torch._dynamo.reset()
+    try:
+        torch.compile(_first_attention(model, arch), backend="aot_eager", fullgraph=True)(
+            hidden, attention_mask=None, **kwargs
+        )
+    except torch._dynamo.exc.Unsupported as error:
+        pytest.skip(f"torch {torch.__version__} cannot trace transformers' attention dispatch: "
+                    f"{str(error).splitlines()[0]}")
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_attention_layer_compiles_fullgraph(arch):
+    """One attention layer, the barrier included, traced with fullgraph=True, equals eager."""
+    _skip_unless_plain_attention_traces(arch)
+    model = HF_MODELS[arch]()
+    handle = barrier_ops.attach(model, 0.3, coupling="weights")
+    attn = _first_attention(model, arch)
+    hidden, kwargs = _attention_inputs(model, arch)
     results = []
     for fn in (attn, torch.compile(attn, backend="aot_eager", fullgraph=True)):
         handle._begin()
@@ -382,6 +413,7 @@ def test_hf_attention_layer_compiles_fullgraph(arch):
 
 @pytest.mark.slow
 def test_hf_compiled_model_matches_eager_without_new_graph_breaks():
+    _skip_unless_plain_attention_traces("llama")
     idx, mask, labels = _padded_batch()
     model = H.tiny_llama()
     reference = H.clone(model)
