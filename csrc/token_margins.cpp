@@ -339,12 +339,13 @@ template <typename scalar_t>
 struct BackwardScratch {
   BackwardScratch(int64_t T, int64_t d)
       : scores(kQueryBlock * kKeyBlock), cross(kQueryBlock * kKeyBlock), kq(T * d),
-        bars(T * 2 * d), coef(T), hbar(kQueryBlock) {}
+        bars(T * 2 * d), coef(T), hbar(kQueryBlock), active(kQueryBlock) {}
   std::vector<scalar_t> scores, cross;
   std::vector<scalar_t> kq;    // c sum_t dz_ts q_t
   std::vector<scalar_t> bars;  // sum_t Pb_ts [kbar_t | wbar_t]
   std::vector<scalar_t> coef;  // sum_t Pb_ts
-  std::vector<scalar_t> hbar;
+  std::vector<scalar_t> hbar;  // per query of the block: kappa_t / c - <kbar_t, wbar_t>
+  std::vector<char> active;    // per query of the block: has a margin and a nonzero beta
 };
 
 // Backward of one (b, h): query blocks outer, key blocks inner, from the
@@ -371,6 +372,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = t0 + i;
       const bool active = std::isfinite(head.lse[t]) && head.beta[t] != scalar_t(0);
+      scratch.active[i] = active;
       any_active = any_active || active;
       scalar_t kw = 0;
       const scalar_t* stat_row = head.stats + t * 2 * d;
@@ -394,8 +396,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
         const int64_t t = t0 + i;
         scalar_t* srow = scores + i * kKeyBlock;
         scalar_t* crow = cross + i * kKeyBlock;
-        const bool active = std::isfinite(head.lse[t]) && head.beta[t] != scalar_t(0);
-        if (!active) {
+        if (!scratch.active[i]) {
           std::fill(srow, srow + nk, scalar_t(0));
           std::fill(crow, crow + nk, scalar_t(0));
           continue;
