@@ -56,6 +56,7 @@ def _extension():
     debug = os.environ.get("BARRIER_OPS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     openmp = _openmp_flags()
     # -fopenmp-simd honours the kernels' `omp simd` loop pragmas (vectorized
     # reductions) even where there is no OpenMP runtime to link.

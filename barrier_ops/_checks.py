@@ -9,7 +9,8 @@ fail just as clearly.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import Optional, Union
 
 import torch
 
@@ -139,24 +140,66 @@ def check_attention_inputs(
     _check_mask(key_padding_mask, B, T, q.device, "q")
 
 
+def _real_number(value, name: str) -> float:
+    """A Python or NumPy real number as a float (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def resolve_scale(scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = _real_number(scale, "scale")
     if not (scale > 0.0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return scale
 
 
 def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _real_number(eps, "eps")
     if not (eps > 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     return eps
+
+
+def check_target_margin(target_margin: Optional[float], eps: float) -> Optional[float]:
+    """None (the paper's barrier) or a finite target margin m0 > eps."""
+    if target_margin is None:
+        return None
+    m0 = _real_number(target_margin, "target_margin")
+    if not (math.isfinite(m0) and m0 > eps):
+        raise ValueError(
+            f"target_margin must be None or a finite number > eps={eps}, got {m0}"
+        )
+    return m0
+
+
+# The public causal argument -> the op schemas' spelling.
+CAUSAL_MODES = {True: "inclusive", False: "none", "strict": "strict"}
+
+
+def check_causal(causal: Union[bool, str]) -> str:
+    """``True`` (s <= t), ``"strict"`` (s < t) or ``False`` (all keys) -> the op's string."""
+    if isinstance(causal, bool) or (isinstance(causal, str) and causal == "strict"):
+        return CAUSAL_MODES[causal]
+    raise ValueError(f"causal must be True, False or 'strict', got {causal!r}")
+
+
+def check_causal_mode(causal: str) -> str:
+    """The op schemas' spelling: "inclusive", "strict" or "none"."""
+    if causal not in CAUSAL_MODES.values():
+        raise ValueError(
+            f"causal must be one of {tuple(CAUSAL_MODES.values())} at the op level, got {causal!r}"
+        )
+    return causal
+
+
+def check_weight(weight: float) -> float:
+    weight = _real_number(weight, "weight")
+    if not (weight >= 0.0 and math.isfinite(weight)):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    return weight
 
 
 def check_reduction(reduction: str) -> str:

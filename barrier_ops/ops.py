@@ -1,70 +1,160 @@
-"""Python face of the compiled ops in ``torch.ops.barrier_ops``.
+"""The public ops: margins, the barrier loss and support tokens of one attention layer.
 
-The schemas and kernels live in C++ (csrc/); this module registers their fake
-(meta) kernels and autograd formulas with torch.library and wraps them in the
-public functions. Everything here is traceable, so ``torch.compile(fullgraph=True)``
-sees one custom op per call and no graph break.
+``torch.ops.barrier_ops.token_margins`` and ``margin_barrier_loss`` are
+torch.library ops with C++ schemas (csrc/schemas.cpp) whose implementation
+is registered here as CompositeImplicitAutograd: ATen ops around the one
+compiled O(T^2) core, kappa (``backend="fused"``, barrier_ops/_kappa.py), or
+around PyTorch's attention kernels (``backend="sdpa"``, barrier_ops/_sdpa.py).
+Autograd derives every gradient outside kappa (coupling, GQA, psi,
+reductions), and torch.compile traces the composite with no graph break.
+``support_token_argmin`` is a fused kernel with a fake kernel.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from . import _checks
-from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
+from . import _C  # noqa: F401  (loads the shared library, which registers the schemas)
+from .backends import kappa_function
+from .barriers import barrier
 
-__all__ = ["token_margins", "margin_barrier_loss", "support_token_argmin"]
+__all__ = ["token_margins", "margin_barrier_loss", "support_token_argmin", "barrier_and_margins"]
 
 _ops = torch.ops.barrier_ops
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and (contiguous) strides of the real outputs.
+# The composite: everything but the O(T^2) core is ATen, differentiated by autograd.
 # ---------------------------------------------------------------------------
 
 
-def _fake_forward_state(q, combine_heads):
-    B, H, T, d = q.shape
-    acc = _checks.margin_dtype(q.dtype)
-    margins = q.new_empty((B, T) if combine_heads else (B, H, T), dtype=acc)
-    kappa = q.new_empty((B, H, T), dtype=acc)
-    lse = q.new_empty((B, H, T), dtype=acc)
-    stats = q.new_empty((B, H, T, 2 * d), dtype=acc)
-    return margins, kappa, lse, stats
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
-@torch.library.register_fake("barrier_ops::token_margins")
-def _token_margins_fake(q, k, v, coupling, scale, causal, key_padding_mask, combine_heads):
+def _coupled_values(v: torch.Tensor, coupling: Optional[torch.Tensor]) -> torch.Tensor:
+    """w = A_h v for v one slice per query head [B, H, T, dv] -> [B, H, T, d]."""
+    if coupling is None:
+        return v
+    if coupling.dim() == 1:
+        return v * coupling.view(1, -1, 1, 1)
+    return torch.matmul(v, coupling.transpose(-1, -2))  # [B,H,T,dv] x [H,dv,d]
+
+
+def valid_positions(
+    B: int, T: int, causal: str, key_padding_mask: Optional[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """[B, T] bool: the query is a real token and has at least one allowed key.
+
+    A real query is its own allowed key unless causality is strict; under
+    "strict" it needs a real key before it, and position 0 never has one.
+    """
+    if key_padding_mask is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        if causal == "strict" and T > 0:
+            valid[:, 0] = False
+        return valid
+    if causal != "strict":
+        return key_padding_mask
+    real_before = torch.cummax(key_padding_mask.to(torch.uint8), dim=1).values.bool()
+    real_before = torch.nn.functional.pad(real_before[:, :-1], (1, 0), value=False)
+    return key_padding_mask & real_before
+
+
+def _centred(
+    k: torch.Tensor, w: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k - mu_k and w - mu_w in the accumulation dtype; means over real keys per (b, h), held constant.
+
+    Each backend rounds them to the precision its kernels compute in.
+
+    kappa is a covariance and the logits move by a constant per query, so
+    neither changes, nor do their gradients (exact for any constant mu). What
+    changes is precision: keys and values with a large mean make
+    sum alpha g and <kbar, wbar> two big numbers whose difference is kappa
+    (measured on CPU, keys/values with a mean of 10 std: float32 margin error
+    5e-4 uncentred, 3e-6 centred). Centring here serves every backend.
+    """
+    acc = _checks.margin_dtype(k.dtype)
+    k_acc, w_acc = k.detach().to(acc), w.detach().to(acc)
+    if key_padding_mask is None:
+        mu_k, mu_w = k_acc.mean(2, keepdim=True), w_acc.mean(2, keepdim=True)
+    else:
+        real = key_padding_mask.to(acc)[:, None, :, None]
+        count = real.sum(2, keepdim=True).clamp(min=1.0)
+        mu_k = (k_acc * real).sum(2, keepdim=True) / count
+        mu_w = (w_acc * real).sum(2, keepdim=True) / count
+    return k.to(acc) - mu_k, w.to(acc) - mu_w
+
+
+def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend):
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    return _fake_forward_state(q, combine_heads)
+    scale = _checks.resolve_scale(scale, q.shape[-1])
+    kappa_fn = kappa_function(backend, q.device)
+    dtype = _autocast_dtype(q.device)
+    if dtype is not None:  # as SDPA does under autocast: one compute dtype for all inputs
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        coupling = None if coupling is None else coupling.to(dtype)
+    B, H, T, _ = q.shape
+    if key_padding_mask is not None:
+        # Padded positions may hold anything (NaN, 1e30): zero them, so that
+        # neither backend nor the coupling's gradient sum_s dw_s v_s^T reads them.
+        real = key_padding_mask[:, None, :, None]
+        q, k, v = (torch.where(real, t, torch.zeros_like(t)) for t in (q, k, v))
+    group = H // k.shape[1]
+    if group > 1:  # GQA: one slice per query head; autograd sums the group's gradients
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k, w = _centred(k, _coupled_values(v, coupling), key_padding_mask)
+    kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask)
+    valid = valid_positions(B, T, causal, key_padding_mask, q.device)
+    kappa = torch.where(valid[:, None, :], kappa, torch.zeros_like(kappa))
+    return kappa, valid
 
 
-@torch.library.register_fake("barrier_ops::margin_barrier_loss")
-def _margin_barrier_loss_fake(
-    q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, eps, reduction
+def _margins(kappa: torch.Tensor, combine_heads: bool) -> torch.Tensor:
+    return 1.0 - (kappa.sum(dim=1) if combine_heads else kappa)
+
+
+def _reduce_barrier(margins, valid, eps, target_margin, reduction):
+    """reduce(barrier(m)) over valid positions; valid is [B, T], margins [B, T] or [B, H, T]."""
+    valid = valid if margins.dim() == 2 else valid[:, None, :].expand_as(margins)
+    penalty = torch.where(valid, barrier(margins, eps, target_margin), torch.zeros_like(margins))
+    if reduction == "none":
+        return penalty
+    total = penalty.sum()
+    if reduction == "sum":
+        return total
+    # No valid position (all padding) gives 0, not 0/0.
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def _token_margins_impl(q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, backend):
+    _checks.check_causal_mode(causal)
+    kappa, _ = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
+    return _margins(kappa, combine_heads)
+
+
+def _margin_barrier_loss_impl(
+    q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, eps, target_margin,
+    reduction, backend,
 ):
-    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    _checks.check_causal_mode(causal)
+    eps = _checks.check_eps(eps)
+    target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
-    margins, kappa, lse, stats = _fake_forward_state(q, combine_heads)
-    loss = torch.empty_like(margins) if reduction == "none" else margins.new_empty(())
-    return loss, margins, kappa, lse, stats
+    kappa, valid = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
+    return _reduce_barrier(_margins(kappa, combine_heads), valid, eps, target_margin, reduction)
 
 
-@torch.library.register_fake("barrier_ops::token_margins_backward")
-def _token_margins_backward_fake(
-    grad_kappa, q, k, v, coupling, scale, causal, key_padding_mask, kappa, lse, stats
-):
-    dcoupling = q.new_empty((0,)) if coupling is None else torch.empty_like(
-        coupling, memory_format=torch.contiguous_format
-    )
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-        dcoupling,
-    )
+# Kept at module level: the registrations live as long as this Library object.
+_lib = torch.library.Library("barrier_ops", "IMPL")
+_lib.impl("token_margins", _token_margins_impl, "CompositeImplicitAutograd")
+_lib.impl("margin_barrier_loss", _margin_barrier_loss_impl, "CompositeImplicitAutograd")
 
 
 @torch.library.register_fake("barrier_ops::support_token_argmin")
@@ -75,94 +165,10 @@ def _support_token_argmin_fake(margins, key_padding_mask):
 
 
 # ---------------------------------------------------------------------------
-# Autograd. lse and stats are saved state of the fused kernels, not results:
-# they are marked non-differentiable. Gradients reach q, k, v, coupling.
-# ---------------------------------------------------------------------------
-
-
-def _save_forward(ctx, inputs, kappa, lse, stats):
-    q, k, v, coupling, scale, causal, key_padding_mask, combine_heads = inputs[:8]
-    ctx.save_for_backward(q, k, v, coupling, key_padding_mask, kappa, lse, stats)
-    ctx.scale = scale
-    ctx.causal = causal
-    ctx.combine_heads = combine_heads
-    ctx.has_coupling = coupling is not None
-    ctx.mark_non_differentiable(lse, stats)
-
-
-def _kappa_grad(ctx, kappa, grad_margins, grad_kappa):
-    """beta = dL/dkappa, from the margins' gradient (m = 1 - kappa) and kappa's own."""
-    beta = torch.zeros_like(kappa) if grad_kappa is None else grad_kappa.to(kappa.dtype)
-    if grad_margins is not None:
-        g = grad_margins.to(kappa.dtype)
-        beta = beta - (g.unsqueeze(1) if ctx.combine_heads else g)
-    return beta.expand_as(kappa)
-
-
-def _backward_through_kernel(ctx, saved, beta):
-    # `saved` is ctx.saved_tensors read once by the caller: non-reentrant
-    # activation checkpointing allows a single read per backward.
-    q, k, v, coupling, key_padding_mask, kappa, lse, stats = saved
-    dq, dk, dv, dcoupling = _ops.token_margins_backward.default(
-        beta.contiguous(), q, k, v, coupling, ctx.scale, ctx.causal, key_padding_mask,
-        kappa, lse, stats,
-    )
-    return dq, dk, dv, (dcoupling if ctx.has_coupling else None)
-
-
-def _token_margins_setup(ctx, inputs, output):
-    margins, kappa, lse, stats = output
-    _save_forward(ctx, inputs, kappa, lse, stats)
-
-
-def _token_margins_backward(ctx, grad_margins, grad_kappa, grad_lse, grad_stats):
-    saved = ctx.saved_tensors
-    beta = _kappa_grad(ctx, saved[5], grad_margins, grad_kappa)
-    return _backward_through_kernel(ctx, saved, beta) + (None, None, None, None)
-
-
-torch.library.register_autograd(
-    "barrier_ops::token_margins", _token_margins_backward, setup_context=_token_margins_setup
-)
-
-
-def _psi_prime(m: torch.Tensor, eps: float) -> torch.Tensor:
-    """d psi / dm: -1/m above eps, the quadratic's slope below (finite everywhere)."""
-    return torch.where(m >= eps, -1.0 / torch.clamp(m, min=eps), (m - 2.0 * eps) / (eps * eps))
-
-
-def _margin_barrier_loss_setup(ctx, inputs, output):
-    loss, margins, kappa, lse, stats = output
-    _save_forward(ctx, inputs, kappa, lse, stats)
-    ctx.eps = inputs[8]
-    ctx.reduction = inputs[9]
-
-
-def _margin_barrier_loss_backward(ctx, grad_loss, grad_margins, grad_kappa, grad_lse, grad_stats):
-    saved = ctx.saved_tensors
-    kappa, lse = saved[5], saved[6]
-    margins = 1.0 - (kappa.sum(1) if ctx.combine_heads else kappa)
-    valid = torch.isfinite(lse[:, 0] if ctx.combine_heads else lse)
-    total = grad_margins.to(margins.dtype) if grad_margins is not None else torch.zeros_like(margins)
-    if grad_loss is not None:
-        slope = torch.where(valid, _psi_prime(margins, ctx.eps), torch.zeros_like(margins))
-        if ctx.reduction == "mean":
-            slope = slope / valid.sum().clamp(min=1).to(slope.dtype)
-        total = total + grad_loss.to(margins.dtype) * slope
-    beta = _kappa_grad(ctx, kappa, total, grad_kappa)
-    return _backward_through_kernel(ctx, saved, beta) + (None, None, None, None, None, None)
-
-
-torch.library.register_autograd(
-    "barrier_ops::margin_barrier_loss",
-    _margin_barrier_loss_backward,
-    setup_context=_margin_barrier_loss_setup,
-)
-
-
-# ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
+
+Causal = Union[bool, str]
 
 
 def token_margins(
@@ -172,9 +178,10 @@ def token_margins(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Causal = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     combine_heads: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Stability margins ``m = 1 - kappa`` of every query token of one attention layer.
 
@@ -187,11 +194,17 @@ def token_margins(
             needs ``dv == d``), a per-head scalar ``[H]``, or a per-head matrix
             ``[H, d, dv]`` (the exact coupling is ``W_Q^h W_O^h``). Same dtype as q.
         scale: logit scale ``c``; ``None`` means ``1/sqrt(d)``.
-        causal: key ``s`` is allowed for query ``t`` iff ``s <= t``.
+        causal: ``True``: key ``s`` is allowed for query ``t`` iff ``s <= t``
+            (GPT-style); ``"strict"``: iff ``s < t`` (the paper's setting;
+            position 0 then has no margin); ``False``: every key.
         key_padding_mask: bool ``[B, T]``, True for real tokens. Padded keys are
-            never attended; padded queries have no margin.
+            never attended; padded queries have no margin. Padded positions of
+            q, k, v may hold anything, NaN included.
         combine_heads: return the layer margin ``1 - sum_h kappa`` ``[B, T]``
             instead of per-head margins ``[B, H, T]``.
+        backend: where the O(T^2) work runs: ``"fused"`` (our kernels, CPU and
+            CUDA), ``"sdpa"`` (PyTorch's scaled_dot_product_attention, any
+            device) or ``"auto"`` (see :mod:`barrier_ops.backends`).
 
     Returns:
         Margins ``[B, H, T]`` (or ``[B, T]``), float32 (float64 for float64
@@ -199,10 +212,10 @@ def token_margins(
         key) read exactly 1.0. Differentiable w.r.t. q, k, v and coupling.
     """
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    c = _checks.resolve_scale(scale, q.shape[-1])
     return _ops.token_margins.default(
-        q, k, v, coupling, c, bool(causal), key_padding_mask, bool(combine_heads)
-    )[0]
+        q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), _checks.check_causal(causal),
+        key_padding_mask, bool(combine_heads), backend,
+    )
 
 
 def margin_barrier_loss(
@@ -212,11 +225,13 @@ def margin_barrier_loss(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Causal = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     combine_heads: bool = False,
     eps: float = 1e-2,
+    target_margin: Optional[float] = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Smooth log-barrier on the stability margins: ``reduce(psi(m))`` over valid positions.
 
@@ -228,6 +243,10 @@ def margin_barrier_loss(
 
     Arguments are those of :func:`token_margins`, plus:
         eps: where the barrier switches from ``-log m`` to the quadratic (> 0).
+        target_margin: ``None`` for the paper's barrier, or ``m0 > eps``: the
+            hinge ``psi(m) - psi(m0) - psi'(m0)(m - m0)`` below ``m0`` and 0
+            above, so margins at or above the target cost nothing
+            (:func:`barrier_ops.barriers.barrier`).
         reduction: ``"mean"`` (over valid positions; 0 when there are none),
             ``"sum"`` or ``"none"`` (per position, 0 at invalid positions).
 
@@ -235,10 +254,13 @@ def margin_barrier_loss(
         A scalar (or ``[B, H, T]`` / ``[B, T]`` for ``"none"``), float32
         (float64 for float64 inputs), differentiable w.r.t. q, k, v, coupling.
     """
-    return barrier_and_margins(
-        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-        combine_heads=combine_heads, eps=eps, reduction=reduction,
-    )[0]
+    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    eps = _checks.check_eps(eps)
+    return _ops.margin_barrier_loss.default(
+        q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), _checks.check_causal(causal),
+        key_padding_mask, bool(combine_heads), eps, _checks.check_target_margin(target_margin, eps),
+        _checks.check_reduction(reduction), backend,
+    )
 
 
 def barrier_and_margins(
@@ -248,26 +270,30 @@ def barrier_and_margins(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Causal = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     combine_heads: bool = False,
     eps: float = 1e-2,
+    target_margin: Optional[float] = None,
     reduction: str = "mean",
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(margin_barrier_loss, token_margins)`` from one fused pass.
+    """``(margin_barrier_loss, token_margins)`` from one kappa pass.
 
-    For callers that need both (the training integrations log the margins):
-    the op computes the margins anyway, so this saves a second O(T^2) pass.
+    For callers that need both (the training integrations log the margins).
     Arguments and checks are those of :func:`margin_barrier_loss`.
     """
-    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    c = _checks.resolve_scale(scale, q.shape[-1])
     eps = _checks.check_eps(eps)
+    target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
-    out = _ops.margin_barrier_loss.default(
-        q, k, v, coupling, c, bool(causal), key_padding_mask, bool(combine_heads), eps, reduction
+    margins = token_margins(
+        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+        combine_heads=combine_heads, backend=backend,
     )
-    return out[0], out[1]
+    valid = valid_positions(
+        q.shape[0], q.shape[2], _checks.check_causal(causal), key_padding_mask, q.device
+    )
+    return _reduce_barrier(margins, valid, eps, target_margin, reduction), margins
 
 
 def support_token_argmin(

@@ -15,18 +15,18 @@ It computes in float32 (float64 for float64 inputs), like the fused kernels.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from . import _checks
+from .barriers import barrier
 
 __all__ = [
     "apply_coupling",
     "valid_positions",
     "token_kappa_reference",
     "token_margins_reference",
-    "psi",
     "margin_barrier_loss_reference",
     "support_token_argmin_reference",
 ]
@@ -41,21 +41,29 @@ def apply_coupling(v: torch.Tensor, coupling: Optional[torch.Tensor]) -> torch.T
     return torch.einsum("bhtv,hdv->bhtd", v, coupling)
 
 
+def allowed_keys(T: int, causal: Union[bool, str], device: torch.device) -> torch.Tensor:
+    """[T, T] bool: key s (column) is allowed for query t (row), before padding."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+    if causal == "strict":
+        return torch.tril(allowed, diagonal=-1)
+    return torch.tril(allowed) if causal else allowed
+
+
 def valid_positions(
     B: int,
     T: int,
-    causal: bool,
+    causal: Union[bool, str],
     key_padding_mask: Optional[torch.Tensor],
     device: torch.device,
 ) -> torch.Tensor:
     """[B, T] bool: the query is a real token and has at least one allowed key."""
-    if key_padding_mask is None:
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    if causal:
-        has_key = torch.cummax(key_padding_mask.to(torch.uint8), dim=1).values.bool()
-    else:
-        has_key = key_padding_mask.any(dim=1, keepdim=True).expand(B, T)
-    return key_padding_mask & has_key
+    real = (
+        torch.ones(B, T, dtype=torch.bool, device=device)
+        if key_padding_mask is None
+        else key_padding_mask
+    )
+    allowed = allowed_keys(T, causal, device).view(1, T, T) & real.view(B, 1, T)
+    return real & allowed.any(dim=-1)
 
 
 def token_kappa_reference(
@@ -65,11 +73,12 @@ def token_kappa_reference(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Union[bool, str] = True,
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-head kappa [B, H, T] (0 at invalid positions) and validity [B, T]."""
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    _checks.check_causal(causal)
     B, H, T, d = q.shape
     c = _checks.resolve_scale(scale, d)
     acc = _checks.margin_dtype(q.dtype)
@@ -79,10 +88,7 @@ def token_kappa_reference(
     v_h = v.to(acc).repeat_interleave(group, dim=1)
     w = apply_coupling(v_h, None if coupling is None else coupling.to(acc))
 
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = torch.tril(allowed)
-    allowed = allowed.view(1, 1, T, T)
+    allowed = allowed_keys(T, causal, q.device).view(1, 1, T, T)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.view(B, 1, 1, T)
 
@@ -108,7 +114,7 @@ def token_margins_reference(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Union[bool, str] = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     combine_heads: bool = False,
 ) -> torch.Tensor:
@@ -121,14 +127,6 @@ def token_margins_reference(
     return 1.0 - kappa
 
 
-def psi(m: torch.Tensor, eps: float) -> torch.Tensor:
-    """Smooth log-barrier: -log m for m >= eps, its C2 quadratic extension below."""
-    safe = torch.clamp(m, min=eps)
-    t = (m - eps) / eps
-    below = -torch.log(torch.tensor(eps, dtype=m.dtype, device=m.device)) - t + 0.5 * t * t
-    return torch.where(m >= eps, -torch.log(safe), below)
-
-
 def margin_barrier_loss_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,14 +134,16 @@ def margin_barrier_loss_reference(
     *,
     coupling: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    causal: bool = True,
+    causal: Union[bool, str] = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     combine_heads: bool = False,
     eps: float = 1e-2,
+    target_margin: Optional[float] = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of :func:`barrier_ops.margin_barrier_loss`."""
+    """Reference of :func:`barrier_ops.margin_barrier_loss` (barrier from :mod:`barrier_ops.barriers`)."""
     eps = _checks.check_eps(eps)
+    target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
     kappa, valid = token_kappa_reference(
         q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask
@@ -154,10 +154,10 @@ def margin_barrier_loss_reference(
     else:
         margins = 1.0 - kappa
         valid_b = valid.unsqueeze(1).expand_as(margins)
-    barrier = torch.where(valid_b, psi(margins, eps), torch.zeros_like(margins))
+    penalty = torch.where(valid_b, barrier(margins, eps, target_margin), torch.zeros_like(margins))
     if reduction == "none":
-        return barrier
-    total = barrier.sum()
+        return penalty
+    total = penalty.sum()
     if reduction == "sum":
         return total
     count = valid_b.sum()

@@ -29,10 +29,9 @@ void check_mask(const std::optional<at::Tensor>& key_padding_mask, int64_t B, in
 
 }  // namespace
 
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& coupling,
-                            const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const std::pair<const char*, const at::Tensor*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+void check_kappa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+                        double scale, const std::optional<at::Tensor>& key_padding_mask) {
+  const std::pair<const char*, const at::Tensor*> named[] = {{"q", &q}, {"k", &k}, {"w", &w}};
   for (const auto& [name, t] : named) {
     TORCH_CHECK_VALUE(t->dim() == 4, name,
                       " must have 4 dimensions (SDPA layout [B, H, T, d]), got shape ",
@@ -40,54 +39,18 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), name,
                      " must be float32, float64, bfloat16 or float16, got ", t->scalar_type());
   }
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "q, k and v must share one dtype, got q ", q.scalar_type(), ", k ",
-                   k.scalar_type(), ", v ", v.scalar_type());
-  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
-                    "q, k and v must be on one device, got q on ", q.device(), ", k on ",
-                    k.device(), ", v on ", v.device());
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B,
-                    "q, k and v must share the batch size B, got q ", q.sizes(), ", k ",
-                    k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(2) == T && v.size(2) == T,
-                    "q, k and v must share the sequence length T (dim 2), got q ", q.sizes(),
-                    ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(3) == d, "k must have the head dim d of q (dim 3), got q ", q.sizes(),
-                    " and k ", k.sizes());
-  TORCH_CHECK_VALUE(v.size(1) == k.size(1),
-                    "k and v must have the same number of kv heads (dim 1), got k ", k.sizes(),
-                    " and v ", v.sizes());
-  const int64_t Hkv = k.size(1);
-  TORCH_CHECK_VALUE(H >= 1, "q must have at least one head (dim 1), got shape ", q.sizes());
-  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "the number of query heads H=", H,
-                    " (q dim 1) must be a multiple of the kv heads Hkv=", Hkv, " (k dim 1)");
-  TORCH_CHECK_VALUE(d >= 1, "the head dim d must be at least 1");
-  const int64_t dv = v.size(3);
-  if (!coupling.has_value()) {
-    TORCH_CHECK_VALUE(dv == d,
-                      "coupling=None means A_h = I and needs v's head dim dv == d, got d=", d,
-                      ", dv=", dv, "; pass a [H] or [H, d, dv] coupling");
-  } else {
-    const at::Tensor& A = *coupling;
-    TORCH_CHECK_TYPE(is_supported_float(A.scalar_type()),
-                     "coupling must be float32, float64, bfloat16 or float16, got ",
-                     A.scalar_type());
-    TORCH_CHECK_TYPE(A.scalar_type() == q.scalar_type(), "coupling must have the dtype of q (",
-                     q.scalar_type(), "), got ", A.scalar_type());
-    TORCH_CHECK_VALUE(A.device() == q.device(), "coupling must be on q's device ", q.device(),
-                      ", got ", A.device());
-    const bool per_head_scalar = A.dim() == 1 && A.size(0) == H;
-    const bool per_head_matrix =
-        A.dim() == 3 && A.size(0) == H && A.size(1) == d && A.size(2) == dv;
-    TORCH_CHECK_VALUE(per_head_scalar || per_head_matrix, "coupling must have shape [H]=[", H,
-                      "] (per-head scalar) or [H, d, dv]=[", H, ", ", d, ", ", dv, "], got ",
-                      A.sizes());
-    TORCH_CHECK_VALUE(!per_head_scalar || dv == d,
-                      "a per-head scalar coupling [H] means A_h = a_h * I and needs v's head dim "
-                      "dv == d, got d=", d, ", dv=", dv, "; pass an [H, d, dv] coupling");
-  }
-  check_mask(key_padding_mask, B, T, q.device(), "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && w.scalar_type() == q.scalar_type(),
+                   "q, k and w must share one dtype, got q ", q.scalar_type(), ", k ",
+                   k.scalar_type(), ", w ", w.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && w.device() == q.device(),
+                    "q, k and w must be on one device, got q on ", q.device(), ", k on ",
+                    k.device(), ", w on ", w.device());
+  // kappa takes k and w per query head: grouped-query callers expand k first.
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && w.sizes() == q.sizes(),
+                    "q, k and w must have one shape [B, H, T, d] (k and w one slice per query "
+                    "head), got q ", q.sizes(), ", k ", k.sizes(), ", w ", w.sizes());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, "the head dim d must be at least 1");
+  check_mask(key_padding_mask, q.size(0), q.size(2), q.device(), "q");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ",
                     scale);
 }

@@ -7,14 +7,11 @@
 
 namespace barrier_ops {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask);
+KappaState kappa_forward_cuda(const KappaProblem& problem);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(
-    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(const KappaProblem& problem,
+                                                                   const at::Tensor& grad_kappa,
+                                                                   const KappaState& state);
 
 std::tuple<at::Tensor, at::Tensor> support_token_argmin_cuda(
     const at::Tensor& margins, const std::optional<at::Tensor>& key_padding_mask);
@@ -25,15 +22,15 @@ namespace cuda {
 constexpr int64_t kMaxHeadDim = 128;
 
 // Per-row helper shared by forward and backward (kappa_forward.cu):
-// g[b,h,t] = <k[b,h/group,t], w[b,h,t]>, and when stats is defined also
+// g[b,h,t] = <k[b,h,t], w[b,h,t]>, and when stats is defined also
 // hbar = kappa / scale - <kbar, wbar> and beta_c = beta * scale at active
 // rows (finite lse, beta != 0), else 0. All outputs [B, H, T] in acc dtype.
 void launch_row_prep(const at::Tensor& k, const at::Tensor& w, const at::Tensor& stats,
                      const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& beta,
                      double scale, at::Tensor& g, at::Tensor& hbar, at::Tensor& beta_c);
 
-// Refuses inputs the device cannot run (16-bit tensor-core paths need sm_80+),
-// and d > kMaxHeadDim, with an error naming the argument.
+// Refuses inputs the device cannot run, and d > kMaxHeadDim, with an error
+// naming the argument.
 void check_core_inputs(const at::Tensor& q);
 
 // Raises the kernel's dynamic shared-memory limit to smem bytes, refusing with

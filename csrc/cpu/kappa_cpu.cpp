@@ -1,8 +1,8 @@
-// token_margins and its backward: schemas, the device-generic parts, and the
-// fused CPU cores (flash-attention style: query blocks in parallel, an online
-// softmax over key blocks, never a T x T buffer).
+// The fused CPU cores of kappa (KappaForwardFn / KappaBackwardFn in
+// csrc/barrier_ops.h): flash-attention style, query blocks in parallel, an
+// online softmax over key blocks, never a T x T buffer.
 #include "barrier_ops.h"
-#include "cpu_blas.h"
+#include "cpu/cpu_blas.h"
 
 #include <ATen/Parallel.h>
 
@@ -24,28 +24,11 @@ using cpu::Trans;
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 128;
 
-// A kv-head tensor [B, Hkv, T, *] as one slice per query head [B, H, T, *] in
-// the accumulation dtype. GQA: query head h reads kv head h / (H / Hkv).
-at::Tensor per_query_head(const at::Tensor& kv, int64_t H) {
-  const int64_t group = H / kv.size(1);
-  at::Tensor out = kv.to(accumulation_dtype(kv.scalar_type()));
-  return group > 1 ? out.repeat_interleave(group, 1) : out;
-}
-
-// w = A_h v for every query head, in the accumulation dtype, from v already
-// sliced per query head.
-at::Tensor coupled_values(const at::Tensor& v_h, const std::optional<at::Tensor>& coupling) {
-  if (!coupling.has_value()) return v_h;
-  const at::Tensor A = coupling->to(v_h.scalar_type());
-  if (A.dim() == 1) return v_h * A.view({1, -1, 1, 1});
-  return at::matmul(v_h, A.transpose(-1, -2));  // [B,H,T,dv] x [H,dv,d]
-}
-
 // Keys packed per query head as [k | w | g] with g_s = <k_s, w_s>: one GEMM of
 // the softmax weights against this gives sum(alpha k), sum(alpha w) and
 // sum(alpha g) together.
-at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, int64_t H) {
-  const at::Tensor k_h = per_query_head(k, H);
+at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w) {
+  const at::Tensor k_h = k.to(accumulation_dtype(k.scalar_type()));
   const at::Tensor w_a = w.to(k_h.scalar_type());
   const at::Tensor g = (k_h * w_a).sum(-1, /*keepdim=*/true);
   return at::cat({k_h, w_a, g}, -1).contiguous();
@@ -211,7 +194,7 @@ namespace {
 // scratch; accum: kQueryBlock x width scratch.
 template <typename scalar_t>
 void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_t t0, int64_t nq,
-                         int64_t T, int64_t d, double scale_d, bool causal, const bool* mask_row,
+                         int64_t T, int64_t d, double scale_d, CausalMode causal, const bool* mask_row,
                          scalar_t* scores, scalar_t* accum, scalar_t* kappa, scalar_t* lse,
                          scalar_t* stats) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
@@ -221,7 +204,7 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
   std::fill(accum, accum + nq * width, scalar_t(0));
   // Causal: keys after the block's last query are never allowed, so those
   // blocks are skipped rather than computed and masked.
-  const int64_t key_end = causal ? t0 + nq : T;
+  const int64_t key_end = std::min(T, causal_key_end(causal, t0 + nq - 1, T));
   for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, key_end - s0);
     const scalar_t* key_rows = packed + s0 * width;
@@ -230,7 +213,7 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
     const bool* key_mask = mask_row ? mask_row + s0 : nullptr;
     for (int64_t i = 0; i < nq; ++i) {
       scalar_t* row = scores + i * kKeyBlock;
-      const int64_t allowed_end = causal ? std::min(nk, t0 + i - s0 + 1) : nk;
+      const int64_t allowed_end = std::min(nk, causal_key_end(causal, t0 + i, T) - s0);
       const scalar_t block_max = detail::row_scale_max(row, nk, scale, allowed_end, key_mask);
       if (block_max == neg_inf) {
         std::fill(row, row + nk, scalar_t(0));
@@ -271,24 +254,22 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+KappaState kappa_forward_cpu(const KappaProblem& problem) {
+  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const double scale = problem.scale;
+  const CausalMode causal = problem.causal;
   const int64_t width = 2 * d + 1;
-  const auto acc = accumulation_dtype(q.scalar_type());
-  const auto opts = q.options().dtype(acc);
-  const at::Tensor q_a = q.to(acc).contiguous();
-  const at::Tensor packed = pack_keys(k, w, H);
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const auto acc = accumulation_dtype(problem.q.scalar_type());
+  const auto opts = problem.q.options().dtype(acc);
+  const at::Tensor q_a = problem.q.to(acc).contiguous();
+  const at::Tensor packed = pack_keys(problem.k, problem.w);
   at::Tensor kappa = at::zeros({B, H, T}, opts);
   at::Tensor lse = at::full({B, H, T}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor stats = at::zeros({B, H, T, 2 * d}, opts);
   const int64_t n_qblocks = (T + kQueryBlock - 1) / kQueryBlock;
   if (B * H * n_qblocks == 0) return {kappa, lse, stats};
   AT_DISPATCH_FLOATING_TYPES(acc, "kappa_forward_cpu", [&] {
-    const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    const bool* mask_ptr = problem.mask_ptr();
     const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
     const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
     scalar_t* kappa_ptr = kappa.data_ptr<scalar_t>();
@@ -355,7 +336,7 @@ struct BackwardScratch {
 //   dw_s = coef_s k_s - sum_t Pb kbar_t
 template <typename scalar_t>
 void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>& scratch,
-                   int64_t T, int64_t d, double scale_d, bool causal) {
+                   int64_t T, int64_t d, double scale_d, CausalMode causal) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const int64_t width = 2 * d + 1;
   scalar_t* scores = scratch.scores.data();
@@ -382,7 +363,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
     if (!any_active) continue;
     const scalar_t* q_block = head.q + t0 * d;
     const scalar_t* stats_block = head.stats + t0 * 2 * d;
-    const int64_t key_end = causal ? t0 + nq : T;
+    const int64_t key_end = std::min(T, causal_key_end(causal, t0 + nq - 1, T));
     for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, key_end - s0);
       const scalar_t* key_rows = head.packed + s0 * width;  // k_s at column 0, w_s at d
@@ -401,7 +382,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
           std::fill(crow, crow + nk, scalar_t(0));
           continue;
         }
-        const int64_t allowed_end = causal ? std::min<int64_t>(nk, t - s0 + 1) : nk;
+        const int64_t allowed_end = std::min(nk, causal_key_end(causal, t, T) - s0);
         detail::row_backward(srow, crow, head.g + s0, coef + s0, nk, allowed_end,
                              head.mask_row ? head.mask_row + s0 : nullptr, scale, head.lse[t],
                              head.beta[t] * scale, scratch.hbar[i]);
@@ -433,32 +414,31 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
-    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaProblem& problem,
+                                                                  const at::Tensor& grad_kappa,
+                                                                  const KappaState& state) {
+  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const double scale = problem.scale;
+  const CausalMode causal = problem.causal;
   const int64_t width = 2 * d + 1;
-  const auto acc = accumulation_dtype(q.scalar_type());
-  const auto opts = q.options().dtype(acc);
-  const at::Tensor q_a = q.to(acc).contiguous();
-  const at::Tensor packed = pack_keys(k, w, H);
+  const auto acc = accumulation_dtype(problem.q.scalar_type());
+  const auto opts = problem.q.options().dtype(acc);
+  const at::Tensor q_a = problem.q.to(acc).contiguous();
+  const at::Tensor packed = pack_keys(problem.k, problem.w);
   const at::Tensor g = packed.select(-1, 2 * d).contiguous();  // [B, H, T]: g_s read per key
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
-  const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
-  const at::Tensor stats_c = stats.contiguous();
+  const at::Tensor kappa_c = state.kappa.contiguous(), lse_c = state.lse.contiguous();
+  const at::Tensor stats_c = state.stats.contiguous();
   // [wbar | kbar]: the saved [kbar | wbar] with halves swapped, to pair with
   // the packed [k | w] in the cross GEMM.
   const at::Tensor swapped_stats =
       at::cat({stats_c.narrow(-1, d, d), stats_c.narrow(-1, 0, d)}, -1);
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor dq = at::zeros({B, H, T, d}, opts);  // query blocks with no active row stay 0
   at::Tensor dk = at::empty({B, H, T, d}, opts);  // every row written by its head
   at::Tensor dw = at::empty({B, H, T, d}, opts);
   if (B * H * T > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "kappa_backward_cpu", [&] {
-      const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      const bool* mask_ptr = problem.mask_ptr();
       const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
       const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
       const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
@@ -493,94 +473,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(
     });
   }
   return {dq, dk, dw};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_with(
-    KappaForwardFn core, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& coupling, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, bool combine_heads) {
-  check_attention_inputs(q, k, v, coupling, key_padding_mask, scale);
-  const at::Tensor w = coupled_values(per_query_head(v, q.size(1)), coupling).to(q.scalar_type());
-  auto [kappa, lse, stats] = core(q, k, w, scale, causal, key_padding_mask);
-  // Invalid positions carry kappa = 0, so their margin is exactly 1.
-  at::Tensor margins = combine_heads ? at::rsub(kappa.sum(1), 1.0) : at::rsub(kappa, 1.0);
-  return {margins, kappa, lse, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backward_with(
-    KappaBackwardFn core, const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& coupling, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
-    const at::Tensor& lse, const at::Tensor& stats) {
-  check_attention_inputs(q, k, v, coupling, key_padding_mask, scale);
-  check_saved_state(grad_kappa, q, kappa, lse, stats);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  const int64_t Hkv = k.size(1), group = H / Hkv, dv_dim = v.size(3);
-  const auto acc = accumulation_dtype(q.scalar_type());
-  // w is recomputed (one GEMM) rather than saved: the forward keeps only
-  // kappa, lse and [kbar | wbar].
-  const at::Tensor v_h = per_query_head(v, H);
-  const at::Tensor w = coupled_values(v_h, coupling).to(q.scalar_type());
-  auto [dq, dk_h, dw] = core(grad_kappa.to(acc), q, k, w, kappa, lse, stats, scale, causal,
-                             key_padding_mask);
-  // A kv head's gradient is the sum over the query heads of its group.
-  at::Tensor dk = dk_h.view({B, Hkv, group, T, d}).sum(2);
-  at::Tensor dv_h;
-  at::Tensor dcoupling;
-  if (!coupling.has_value()) {
-    dv_h = dw;
-    dcoupling = at::empty({0}, q.options());
-  } else {
-    const at::Tensor A = coupling->to(acc);
-    if (A.dim() == 1) {
-      dv_h = dw * A.view({1, H, 1, 1});
-      dcoupling = (dw * v_h).sum({0, 2, 3});
-    } else {
-      dv_h = at::matmul(dw, A);  // dv_s = A^T dw_s : [B,H,T,d] x [H,d,dv]
-      dcoupling = at::matmul(dw.transpose(-1, -2), v_h).sum(0);  // sum_s dw_s v_s^T
-    }
-    dcoupling = dcoupling.to(coupling->scalar_type());
-  }
-  at::Tensor dv = dv_h.reshape({B, Hkv, group, T, dv_dim}).sum(2);
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dcoupling};
-}
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& coupling, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, bool combine_heads) {
-  return token_margins_with(&kappa_forward_cpu, q, k, v, coupling, scale, causal,
-                            key_padding_mask, combine_heads);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_margins_backward_cpu(
-    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& coupling, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
-    const at::Tensor& lse, const at::Tensor& stats) {
-  return token_margins_backward_with(&kappa_backward_cpu, grad_kappa, q, k, v, coupling, scale,
-                                     causal, key_padding_mask, kappa, lse, stats);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(barrier_ops, m) {
-  m.def(
-      "token_margins(Tensor q, Tensor k, Tensor v, Tensor? coupling, float scale, bool causal, "
-      "Tensor? key_padding_mask, bool combine_heads) -> (Tensor, Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
-      "token_margins_backward(Tensor grad_kappa, Tensor q, Tensor k, Tensor v, Tensor? coupling, "
-      "float scale, bool causal, Tensor? key_padding_mask, Tensor kappa, Tensor lse, "
-      "Tensor stats) -> (Tensor, Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
-}
-
-TORCH_LIBRARY_IMPL(barrier_ops, CPU, m) {
-  m.impl("token_margins", &token_margins_cpu);
-  m.impl("token_margins_backward", &token_margins_backward_cpu);
 }
 
 }  // namespace barrier_ops

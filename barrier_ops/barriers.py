@@ -1,0 +1,49 @@
+"""The barrier functions on the margins: the one place that defines psi.
+
+``psi`` is the paper's smooth log-barrier; ``target_margin`` turns it into a
+hinge (shared/spec/barrier-math.md, "Barrier" and "Target margin"). Both are
+plain ATen expressions, so autograd derives their gradients and torch.compile
+fuses them. To add a barrier variant, add it here and select it in
+:func:`barrier`; the ops, the integrations and the experiments call
+:func:`barrier` and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["psi", "barrier"]
+
+
+def psi(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """Smooth log-barrier: ``-log m`` for ``m >= eps``, its C2 quadratic extension below.
+
+    Below ``eps``: ``-log eps - (m - eps)/eps + (m - eps)^2 / (2 eps^2)``, which
+    matches value, slope and curvature at ``eps`` and is finite for every real
+    ``m``, so a margin past the degeneracy boundary gives a large, finite loss
+    whose gradient pushes it back.
+    """
+    t = (m - eps) / eps
+    quadratic = (0.5 * t - 1.0) * t - math.log(eps)
+    # clamp keeps the log branch finite (and its gradient zero) where it is not taken.
+    return torch.where(m >= eps, -torch.log(torch.clamp(m, min=eps)), quadratic)
+
+
+def barrier(m: torch.Tensor, eps: float, target_margin: Optional[float] = None) -> torch.Tensor:
+    """The per-token penalty: ``psi(m)``, or its hinge at ``target_margin`` when given.
+
+    With a target ``m0 > eps`` the penalty is the Bregman divergence of psi from
+    ``m0`` below it and 0 above: ``psi(m) - psi(m0) - psi'(m0) (m - m0)`` for
+    ``m < m0``, i.e. ``-log(m/m0) + m/m0 - 1`` on ``[eps, m0)``. Convex, >= 0,
+    C1 at ``m0``; tokens at or above the target cost nothing.
+    """
+    value = psi(m, eps)
+    if target_margin is None:
+        return value
+    m0 = float(target_margin)
+    # psi(m0) = -log m0 and psi'(m0) = -1/m0, since m0 > eps.
+    hinge = value + math.log(m0) + (m - m0) / m0
+    return torch.where(m < m0, hinge, torch.zeros_like(hinge))
