@@ -97,8 +97,15 @@ def test_ce_mode_ignores_penalty():
         training_loss(no_pen, 0.1)
 
 
-def test_noise_eval_deterministic_given_seed():
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_noise_eval_deterministic_given_seed(one_thread):
     model = _model()
     data = torch.randint(0, 11, (500,))
     kw = dict(n_batches=2, batch_size=4, device=torch.device("cpu"))
@@ -123,9 +130,11 @@ def test_margins_and_support_tokens_reported():
 
 
 def test_sweep_is_resumable(tmp_path, monkeypatch):
-    cfg = _tiny_cfg(tmp_path)
+    threads = torch.get_num_threads()
+    cfg = _tiny_cfg(tmp_path, threads=2 if threads == 1 else 1)
     root = str(tmp_path / "sweep")
     rows = sweep_mod.run_sweep(cfg, root, progress=False, log=lambda *a: None)
+    assert torch.get_num_threads() == threads  # train() ran with train.threads and put the caller's back
     assert [(r["lambda"], r["seed"]) for r in rows] == [(0.0, 0), (0.05, 0)]
     assert os.path.isfile(os.path.join(root, "results.csv"))
     with open(os.path.join(root, "lam0.05_seed0", "metrics.jsonl")) as f:

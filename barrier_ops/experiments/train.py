@@ -88,12 +88,25 @@ def _eval_record(model, data: CharData, cfg: ExperimentConfig, device, step: int
 
 
 def train(cfg: ExperimentConfig, out_dir: str, progress: Optional[bool] = None) -> Dict:
-    """Train, evaluate and write ``out_dir``; returns the summary dict."""
+    """Train, evaluate and write ``out_dir``; returns the summary dict.
+
+    On CPU, runs with ``train.threads`` threads and restores the caller's
+    thread count on return (or error).
+    """
     t = cfg.train
     progress = t.progress if progress is None else progress
     device = resolve_device(t.device)
+    previous_threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(t.threads)
+    try:
+        return _train(cfg, out_dir, progress, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.device) -> Dict:
+    t = cfg.train
     torch.manual_seed(t.seed)
     os.makedirs(out_dir, exist_ok=True)
     _dump_config(cfg, os.path.join(out_dir, "config.yaml"))
