@@ -138,11 +138,13 @@ def _make_capture(original):
 
 
 def hf_oracle(model, *, input_ids, attention_mask, labels, weight, coupling="identity", combine_heads=False,
-              eps=1e-2, reduction="mean", num_items_in_batch=None):
+              eps=1e-2, reduction="mean", num_items_in_batch=None, layers=None):
     """(ce, reference term, logits) for an un-attached HF model, key padding from the batch's 2-D mask.
 
     The q, k, v come from a test-only attention implementation that records
-    them and runs the model's own implementation (sdpa or eager).
+    them and runs the model's own implementation (sdpa or eager). layers: the
+    indices (in call order) of the attention layers whose barriers the term
+    averages (None: all).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -160,7 +162,9 @@ def hf_oracle(model, *, input_ids, attention_mask, labels, weight, coupling="ide
         model.config._attn_implementation = previous
     kpm = None if attention_mask is None else attention_mask.bool()
     barriers = []
-    for module, q, k, v, scaling in _CAPTURE:
+    for i, (module, q, k, v, scaling) in enumerate(_CAPTURE):
+        if layers is not None and i not in layers:
+            continue
         A = hf_coupling(module, q.shape[1]) if coupling == "weights" else None
         b = margin_barrier_loss_reference(
             q, k, v, coupling=A, scale=scaling, key_padding_mask=kpm, combine_heads=combine_heads, eps=eps,

@@ -17,6 +17,7 @@ import barrier_ops
 from barrier_ops.reference import margin_barrier_loss_reference, support_token_argmin_reference, token_margins_reference
 
 import _integration_helpers as H
+from _cases import assert_close, assert_grads_close
 
 TOL = 1e-10
 
@@ -35,14 +36,6 @@ def _padded_batch(B=3, T=12, vocab=64, seed=1, lengths=(12, 7, 9)):
         mask[b, :n] = 1
     labels = idx.masked_fill(mask == 0, -100)
     return idx, mask, labels
-
-
-def _assert_grads_close(got, want, tol=1e-9):
-    assert got.keys() == want.keys()
-    for name in want:
-        scale = want[name].abs().max().clamp(min=1e-12)
-        err = (got[name] - want[name]).abs().max() / scale
-        assert err < tol, f"{name}: relative gradient error {err:.3e}"
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +99,7 @@ def test_nanogpt_term_and_gradients_match_reference(coupling, combine_heads, lay
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     loss.backward()
     (ce + term).backward()
-    _assert_grads_close(H.grads(model), H.grads(oracle))
+    assert_grads_close(H.grads(model), H.grads(oracle), 1e-9)
 
 
 def test_nanogpt_logits_and_ce_unchanged_and_detach_restores():
@@ -172,7 +165,7 @@ def test_nanogpt_gradient_accumulation_equals_big_batch():
         (micro / 2).backward()
         total = total + micro.detach() / 2
     torch.testing.assert_close(total, loss.detach(), rtol=0, atol=TOL)
-    _assert_grads_close(H.grads(small), H.grads(model))
+    assert_grads_close(H.grads(small), H.grads(model), 1e-9)
 
 
 @pytest.mark.slow
@@ -189,7 +182,7 @@ def test_nanogpt_compile_fullgraph_matches_eager():
     _, closs = compiled(idx, targets)
     closs.backward()
     torch.testing.assert_close(closs, loss, rtol=0, atol=TOL)
-    _assert_grads_close(H.grads(compiled_model), H.grads(model))
+    assert_grads_close(H.grads(compiled_model), H.grads(model), 1e-9)
     assert handle.stats.penalty is not None and len(handle.stats.layers) == 2
     # explain() of the module itself runs forward hooks outside the traced frame;
     # a function calling the model traces forward and hooks together.
@@ -240,7 +233,7 @@ def test_hf_term_logits_and_gradients_match_reference(arch, attn, coupling):
     torch.testing.assert_close(out.loss, (ce + term).to(out.loss.dtype), rtol=1e-6, atol=1e-6)
     out.loss.backward()
     (ce + term).backward()
-    _assert_grads_close(H.grads(model), H.grads(oracle), tol=1e-5)
+    assert_grads_close(H.grads(model), H.grads(oracle), tol=1e-5)
     barrier_ops.detach(model)
     assert model.config._attn_implementation == attn
 
@@ -295,16 +288,38 @@ def test_hf_no_labels_no_loss_but_stats():
     assert out[0].dim() == 3
 
 
-def test_hf_layers_selection_and_generation():
+def test_hf_layers_selection_and_generation(monkeypatch):
     idx, mask, labels = _padded_batch()
     model = H.tiny_gpt2()
+    oracle = H.clone(model)
+    prompt = idx[:1, :5]
+    generate = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(prompt, **generate)
+    ce, term, _ = H.hf_oracle(oracle, input_ids=idx, attention_mask=mask, labels=labels, weight=0.3, layers=[1])
+    _, term_both, _ = H.hf_oracle(oracle, input_ids=idx, attention_mask=mask, labels=labels, weight=0.3)
+    assert (term_both - term).abs() > 0.1 * term.abs(), "layer 0 must change the term for this test to see it"
+
     handle = barrier_ops.attach(model, 0.3, layers=["transformer.h.1.attn"])
     assert handle.layer_names == ["transformer.h.1.attn"]
-    model(input_ids=idx, attention_mask=mask, labels=labels)
+    computed = []  # the q shape of every barrier the op computes
+    compute = barrier_ops.integrations._core.barrier_and_margins
+    monkeypatch.setattr(barrier_ops.integrations._core, "barrier_and_margins",
+                        lambda q, *a, **kw: computed.append(tuple(q.shape)) or compute(q, *a, **kw))
+    out = model(input_ids=idx, attention_mask=mask, labels=labels)
+    # Only layer 1 is computed and logged, and the term is its reference barrier alone.
+    assert computed == [(3, 2, 12, 8)]
     assert [s.name for s in handle.stats.layers] == ["transformer.h.1.attn"]
-    # Decoding with a KV cache (1 query vs. many keys) runs and adds nothing for those steps.
-    generated = model.generate(idx[:1, :5], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert generated.shape == (1, 8)
+    torch.testing.assert_close(handle.stats.loss_term, term.detach(), rtol=0, atol=TOL)
+    assert_close(handle.stats.layers[0].barrier, term.detach() / 0.3, 1e-10, "layer 1 barrier")
+    torch.testing.assert_close(out.loss, (ce + term).to(out.loss.dtype), rtol=1e-6, atol=1e-6)
+
+    # Greedy decoding with a KV cache: the same tokens and scores as without the barrier, and
+    # only the prompt's forward (5 queries, 5 keys) computes one; the 1-query steps add nothing.
+    computed.clear()
+    generated = model.generate(prompt, **generate)
+    assert torch.equal(generated.sequences, plain.sequences)
+    assert len(generated.scores) == 3 and all(torch.equal(a, b) for a, b in zip(generated.scores, plain.scores))
+    assert computed == [(1, 2, 5, 8)]
 
 
 def test_hf_num_items_in_batch_accumulation_matches_big_batch():
@@ -324,7 +339,7 @@ def test_hf_num_items_in_batch_accumulation_matches_big_batch():
         micro.loss.backward()
         total = total + micro.loss.detach()
     torch.testing.assert_close(total, big.detach(), rtol=1e-6, atol=1e-6)
-    _assert_grads_close(H.grads(small), H.grads(model), tol=1e-5)
+    assert_grads_close(H.grads(small), H.grads(model), tol=1e-5)
     # And the term itself is sum(barrier) / num_items_in_batch, as documented.
     _, term, _ = H.hf_oracle(
         oracle, input_ids=idx, attention_mask=mask, labels=labels, weight=0.3, coupling="weights",
@@ -347,7 +362,7 @@ def test_hf_gradient_checkpointing_matches():
     closs = ckpt(input_ids=idx, attention_mask=mask, labels=labels).loss
     closs.backward()
     torch.testing.assert_close(closs, loss, rtol=0, atol=1e-7)
-    _assert_grads_close(H.grads(ckpt), H.grads(model), tol=1e-9)
+    assert_grads_close(H.grads(ckpt), H.grads(model), tol=1e-9)
 
 
 def test_hf_reentrant_checkpointing_warns():
@@ -434,7 +449,7 @@ def test_hf_compiled_model_matches_eager_without_new_graph_breaks():
     got = step(torch.compile(model, backend="aot_eager"))
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    _assert_grads_close(H.grads(model), H.grads(reference), tol=1e-6)
+    assert_grads_close(H.grads(model), H.grads(reference), tol=1e-6)
 
 
 @pytest.mark.slow
