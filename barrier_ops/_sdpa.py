@@ -20,8 +20,10 @@ Three details make it exact and robust:
 * Key padding without a T x T mask. A padded key gets the logit -L through
   one extra column: q' = [q | M], k' = [k | -M] for padded keys and 0 for real
   ones, with c M^2 = L (2^14 for float16, whose math path must not overflow,
-  2^60 otherwise). exp(-L - max) is exactly 0, so the kernels stay maskless
-  (is_causal alone), which keeps the fused kernels eligible.
+  2^20 otherwise: with 2^60 the CPU flash kernel's float32 backward gave NaN
+  for rows whose every allowed key is padded). exp(-L - max) is exactly 0, so
+  the kernels stay maskless (is_causal alone), which keeps the fused kernels
+  eligible. Real logits must stay above -L + 100 (any sane model's do).
 * float16 gradients. The barrier's real gradient (weight / number of tokens,
   ~1e-8) is below float16's smallest subnormal, so dO would round to zero on
   its way into SDPA's backward. For float16, a pair of autograd functions
@@ -41,7 +43,7 @@ from . import _checks
 
 # Logit given to padded keys (see the module docstring).
 _PADDED_LOGIT = {torch.float16: 2.0**14}
-_PADDED_LOGIT_DEFAULT = 2.0**60
+_PADDED_LOGIT_DEFAULT = 2.0**20
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -28,8 +28,10 @@ def psi(m: torch.Tensor, eps: float) -> torch.Tensor:
     """
     t = (m - eps) / eps
     quadratic = (0.5 * t - 1.0) * t - math.log(eps)
-    # clamp keeps the log branch finite (and its gradient zero) where it is not taken.
-    return torch.where(m >= eps, -torch.log(torch.clamp(m, min=eps)), quadratic)
+    above = m >= eps
+    # The inner where keeps the untaken log branch finite (and its gradient 0);
+    # clamp(m, min=eps) would also zero the slope AT eps, where -1/eps is due.
+    return torch.where(above, -torch.log(torch.where(above, m, torch.full_like(m, eps))), quadratic)
 
 
 def barrier(m: torch.Tensor, eps: float, target_margin: Optional[float] = None) -> torch.Tensor:

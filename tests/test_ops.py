@@ -173,24 +173,11 @@ def test_margins_past_the_boundary_give_finite_loss_and_restoring_gradient():
     assert_close(loss, expected, 1e-9, "loss")
     grad_c, grad_q = torch.autograd.grad(loss, [coupling, q])
     assert torch.isfinite(grad_c).all() and torch.isfinite(grad_q).all()
+    want_c, want_q = torch.autograd.grad(expected, [coupling, q])
+    assert_close(grad_c, want_c, 1e-9, "grad coupling")
+    assert_close(grad_q, want_q, 1e-9, "grad q")
     # A larger coupling shrinks the margins, so the barrier must push it down.
     assert (grad_c > 0).all()
-
-
-def test_psi_is_c2_at_eps_and_matches_log_above():
-    eps = 0.05
-    m = torch.tensor([eps], dtype=torch.float64, requires_grad=True)
-    below = ref.psi(m - 1e-7, eps)
-    above = ref.psi(m + 1e-7, eps)
-    assert abs(below.item() - above.item()) < 1e-5
-    x = torch.tensor([0.5, 2.0, -3.0], dtype=torch.float64)
-    p = ref.psi(x, eps)
-    assert p[0].item() == pytest.approx(-math.log(0.5))
-    assert math.isfinite(p[2].item())
-    # Slopes agree on both sides of eps (C1) and so do curvatures (C2).
-    d1 = torch.autograd.functional.jacobian(lambda t: ref.psi(t, eps).sum(), m - 1e-9)
-    d2 = torch.autograd.functional.jacobian(lambda t: ref.psi(t, eps).sum(), m + 1e-9)
-    assert d1.item() == pytest.approx(d2.item(), rel=1e-5)
 
 
 def test_default_scale_is_inverse_sqrt_d():
@@ -266,24 +253,28 @@ def _random_case(draw):
         d=d,
         dv=draw(st.integers(1, 12)) if coupling == "matrix" else d,
         coupling=coupling,
-        causal=draw(st.booleans()),
+        causal=draw(st.sampled_from([True, False, "strict"])),
         masked=draw(st.booleans()),
         combine_heads=draw(st.booleans()),
     )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_random_case(), seed=st.integers(0, 2**16))
-def test_random_cases_match_reference(case, seed):
+@given(case=_random_case(), seed=st.integers(0, 2**16), backend=st.sampled_from(["fused", "sdpa"]))
+def test_random_cases_match_reference(case, seed, backend):
     q, k, v, coupling, mask = make_inputs(case, torch.float32, seed=seed)
-    kw = dict(op_kwargs(case, coupling, mask), eps=0.05)
+    kw = dict(op_kwargs(case, coupling, mask), eps=0.05, backend=backend)
     loss = barrier_ops.margin_barrier_loss(q, k, v, **kw)
     rq, rk, rv, rc = _ref_inputs(q, k, v, coupling, torch.float64)
     expected = ref.margin_barrier_loss_reference(rq, rk, rv, **dict(op_kwargs(case, rc, mask), eps=0.05))
     assert_close(loss, expected, VALUE_TOL[torch.float32], "loss")
-    got = _grads(loss, [q, k, v, coupling])
-    want = _grads(expected, [rq, rk, rv, rc])
+    if not expected.requires_grad:  # strict T = 1: no position has a margin
+        return
+    got = torch.autograd.grad(loss, [t for t in (q, k, v, coupling) if t is not None], allow_unused=True)
+    want = torch.autograd.grad(expected, [t for t in (rq, rk, rv, rc) if t is not None], allow_unused=True)
     for name, g, w in zip("q k v coupling".split(), got, want):
+        if w is None:
+            continue
         assert_close(g, w, GRAD_TOL[torch.float32], f"grad {name}")
 
 
