@@ -1,17 +1,34 @@
-// Fused CUDA backward core of token_margins (KappaBackwardFn). The softmax
-// weights are recomputed from the saved row log-sum-exp; no T x T buffer.
+// Fused CUDA backward core of barrier_ops::kappa (KappaBackwardFn). The
+// softmax weights are recomputed from the saved row log-sum-exp; no T x T
+// buffer.
 //
 // Deterministic by construction: no atomics. Two kernels, each owning the
 // rows it writes:
 //   key kernel   (CTA = block of keys of one (b, h), streams query blocks):
-//     dk_s = c sum_t dz_ts q_t + coef_s w_s - sum_t Pb_ts wbar_t
-//     dw_s = coef_s k_s - sum_t Pb_ts kbar_t,     coef_s = sum_t Pb_ts
+//     dk_s = c sum_t dz_ts q_t + coef_s (w_s - mu_w) - sum_t Pb_ts (wbar_t - mu_w)
+//     dw_s = coef_s (k_s - mu_k) - sum_t Pb_ts (kbar_t - mu_k),  coef_s = sum_t Pb_ts
 //   query kernel (CTA = block of queries, streams key blocks):
-//     dq_t = c sum_s dz_ts k_s
-// with Pb_ts = beta_t c alpha_ts, dz_ts = Pb_ts (g_s - <kbar_t, w_s> -
-// <wbar_t, k_s> - hbar_t) (shared/spec/barrier-math.md, "Gradients"). Both
-// kernels recompute the logits and the cross terms; that duplicate work is the
-// price of determinism (flash-attention's atomic dq accumulation avoids it).
+//     dq_t = c^2 beta_t sum_s a_ts (k_s - mu_k),   a_ts = alpha_ts (h_ts - hbar_t)
+// with Pb_ts = beta_t c alpha_ts, dz_ts = Pb_ts (h_ts - hbar_t) and
+// h_ts = gc_s - <kbarc_t, w_s> - <wbarc_t, k_s> (shared/spec/barrier-math.md,
+// "Gradients", with the centring of kernel_common.cuh: sum_t Pb_ts mu = coef_s mu
+// and sum_s a_ts = 0 make the means exact no-ops). Both kernels recompute the
+// logits and the cross terms; that duplicate work is the price of determinism
+// (flash-attention's atomic dq accumulation avoids it).
+//
+// bf16/fp16 numerics (what is rounded to the input dtype before a tensor-core
+// product, all accumulation fp32):
+//   * the bar tiles r(kbar - mu_k), r(wbar - mu_w): centred, so their rounding
+//     error is relative to the spread of k / w, not to their mean; hbar is the
+//     alpha-mean of h formed from exactly these rounded tiles (prepare_rows),
+//     so h - hbar has no rounding mismatch;
+//   * query kernel: c a_ts, with c^2 beta_t applied in the fp32 epilogue. With
+//     the mean-reduced barrier beta_t c is ~1e-8 and c beta c alpha (h - hbar)
+//     would underflow fp16 to zero; a does not depend on beta;
+//   * key kernel: 2^e Pb and 2^e c dz with one power of two 2^e per (b, h)
+//     that brings max_t |beta_t c| into [0.5, 1), undone (exactly) in the epilogue;
+//   * the row sums used by the centring (sum_s r(c a_ts), coef_s) are sums of
+//     the rounded values the products used, so the mean corrections are exact.
 #include "cuda_cores.h"
 #include "kernel_common.cuh"
 
@@ -29,23 +46,42 @@ namespace {
 template <typename in_t>
 struct BackwardParams {
   using acc_t = typename Traits<in_t>::acc_t;
-  const in_t* q;         // [B, H, T, d]
-  const in_t* k;         // [B, Hkv, T, d]
-  const in_t* w;         // [B, H, T, d]
-  const acc_t* stats;    // [B, H, T, 2d]  [kbar | wbar]
-  const acc_t* lse;      // [B, H, T]
-  const acc_t* g;        // [B, H, T]
-  const acc_t* hbar;     // [B, H, T]
-  const acc_t* beta_c;   // [B, H, T]  beta * c at active rows, else 0
-  const bool* mask;      // [B, T] or nullptr
-  acc_t* dq;             // [B, H, T, d]
-  acc_t* dk;             // [B, H, T, d]  per query head
-  acc_t* dw;             // [B, H, T, d]
+  const in_t* q;           // [B, H, T, d]
+  const in_t* k;           // [B, H, T, d]  (one slice per query head)
+  const in_t* w;           // [B, H, T, d]
+  const acc_t* stats;      // [B, H, T, 2d]  [kbar | wbar]
+  const acc_t* lse;        // [B, H, T]
+  const acc_t* g;          // [B, H, T]  gc = <k - mu_k, w - mu_w>
+  const acc_t* hbar;       // [B, H, T]  (prepare_rows)
+  const acc_t* beta_c;     // [B, H, T]  beta * c at active rows, else 0
+  const acc_t* beta_amax;  // [B, H]     max_t |beta_c| (NaN if any is NaN)
+  const acc_t* mu;         // [B, H, 2d] [mu_k | mu_w]
+  const bool* mask;        // [B, T] or nullptr
+  acc_t* dq;               // [B, H, T, d]
+  acc_t* dk;               // [B, H, T, d]
+  acc_t* dw;               // [B, H, T, d]
   int64_t T;
-  int H, group, d, n_blocks;
+  int H, d, n_blocks;
   acc_t scale;
-  bool causal;
+  int causal;  // CausalMode: 0 none, 1 inclusive, 2 strict
 };
+
+// The bar tiles of rows [t0, t0 + rows): r(kbar - mu_k) and r(wbar - mu_w)
+// (rounded to the input dtype exactly as prepare_rows rounds them for hbar),
+// zero past T and in the padding columns.
+template <int D, int kThreads, typename in_t, typename acc_t>
+__device__ __forceinline__ void load_bar_tiles(in_t* KBs, in_t* WBs, int ld,
+                                               const acc_t* stats_bh, const acc_t* mu_bh,
+                                               int64_t t0, int rows, int64_t T, int d) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int r = idx / D, c = idx % D;
+    const int64_t t = t0 + r;
+    const bool ok = t < T && c < d;
+    const acc_t* stats_row = stats_bh + t * 2 * d;
+    KBs[r * ld + c] = Cast<in_t>::from(ok ? stats_row[c] - mu_bh[c] : acc_t(0));
+    WBs[r * ld + c] = Cast<in_t>::from(ok ? stats_row[d + c] - mu_bh[d + c] : acc_t(0));
+  }
+}
 
 // R rows owned by the CTA (16 per warp), N streamed rows per step.
 template <typename in_t, int D>
@@ -110,7 +146,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   acc_t* Ss = reinterpret_cast<acc_t*>(smem + L.s);
   acc_t* Cs = reinterpret_cast<acc_t*>(smem + L.c);
   in_t* DZs = reinterpret_cast<in_t*>(smem + L.a0);
-  in_t* NPs = reinterpret_cast<in_t*>(smem + L.a1);  // -Pb, so one GEMM subtracts
+  in_t* NPs = reinterpret_cast<in_t*>(smem + L.a1);  // -2^e Pb, so one GEMM subtracts
   acc_t* lse_s = reinterpret_cast<acc_t*>(smem + L.v0);
   acc_t* hbar_s = reinterpret_cast<acc_t*>(smem + L.v1);
   acc_t* betac_s = reinterpret_cast<acc_t*>(smem + L.v2);
@@ -119,8 +155,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   const int d = p.d;
   const int kb = static_cast<int>(blockIdx.x % p.n_blocks);
   const int64_t bh = blockIdx.x / p.n_blocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t bh_kv = b * (p.H / p.group) + h / p.group;
+  const int64_t b = bh / p.H;
   const int64_t s0 = static_cast<int64_t>(kb) * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = 16 * warp + (lane >> 1), half = lane & 1;
@@ -129,12 +164,18 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   const bool key_ok = s < T && (mask_row == nullptr || mask_row[s]);
   const acc_t g_s = key_ok ? p.g[bh * T + s] : acc_t(0);
 
-  load_tile<D, kThreads>(Ks, LDD, p.k + bh_kv * T * d, s0, R, T, d, mask_row);
+  const acc_t* mu_bh = p.mu + bh * 2 * d;
+  // Per-(b, h) power of two for the 16-bit operands (see the file comment).
+  const int pow2_e = -pow2_exponent(p.beta_amax[bh]);
+  const acc_t pscale = pow2(acc_t(0), pow2_e), inv_pscale = pow2(acc_t(0), -pow2_e);
+
+  load_tile<D, kThreads>(Ks, LDD, p.k + bh * T * d, s0, R, T, d, mask_row);
   load_tile<D, kThreads>(Ws, LDD, p.w + bh * T * d, s0, R, T, d, mask_row);
   // Keys that are all padding (or past T) get zero gradients without a loop.
   const bool any_key = __syncthreads_or(key_ok);
-  // Causal: only queries t >= s0 see these keys.
-  const int64_t u_begin = !any_key ? T : (p.causal ? (s0 / N) * N : 0);
+  // Causal: only queries t >= s0 + diag see these keys.
+  const int64_t u_begin =
+      !any_key ? T : (p.causal != 0 ? ((s0 + causal_diag(p.causal)) / N) * N : 0);
 
   const in_t* K_warp = Ks + 16 * warp * LDD;
   const in_t* W_warp = Ws + 16 * warp * LDD;
@@ -153,25 +194,20 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
 
   for (int64_t u0 = u_begin; u0 < T; u0 += N) {
     __syncthreads();  // the previous step's streamed tiles are no longer read
-    load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, u0, N, T, d, nullptr);
+    // Padded queries load as zeros: their dz is 0, and 0 * NaN would poison
+    // the whole key block's dk.
+    load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, u0, N, T, d, mask_row);
     bool active = false;
     for (int j = threadIdx.x; j < N; j += kThreads) {
       const int64_t t = u0 + j;
       const bool in_range = t < T;
       lse_s[j] = in_range ? p.lse[bh * T + t] : -std::numeric_limits<acc_t>::infinity();
       hbar_s[j] = in_range ? p.hbar[bh * T + t] : acc_t(0);
-      betac_s[j] = in_range ? p.beta_c[bh * T + t] : acc_t(0);
-      active = active || betac_s[j] != acc_t(0);
+      const acc_t bc = in_range ? p.beta_c[bh * T + t] : acc_t(0);
+      betac_s[j] = bc * pscale;
+      active = active || bc != acc_t(0);
     }
-    // stats rows are [kbar | wbar] (row stride 2d).
-    for (int idx = threadIdx.x; idx < N * D; idx += kThreads) {
-      const int r = idx / D, c = idx % D;
-      const int64_t t = u0 + r;
-      const bool ok = t < T && c < d;
-      const acc_t* stats_row = p.stats + (bh * T + t) * 2 * d;
-      KBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_row[c] : acc_t(0));
-      WBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_row[d + c] : acc_t(0));
-    }
+    load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * T * 2 * d, mu_bh, u0, N, T, d);
     // Query blocks in which no query has a gradient contribute nothing.
     if (!__syncthreads_or(active)) continue;
 
@@ -193,16 +229,17 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     __syncwarp();
     for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
       const int64_t t = u0 + j;
-      acc_t pb = 0, dz = 0;
-      if (key_ok && betac_s[j] != acc_t(0) && (!p.causal || s <= t)) {
+      acc_t pb = 0, dz = 0;  // both scaled by 2^e
+      if (key_ok && betac_s[j] != acc_t(0) && causally_allowed(p.causal, s, t)) {
         const int r = lane >> 1;
         const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - lse_s[j]);
         pb = betac_s[j] * alpha;
         dz = pb * (g_s - C_warp[r * LDS + j] - hbar_s[j]);
       }
-      coef += pb;
+      const in_t neg_pb = Cast<in_t>::from(-pb);
+      coef -= to_acc(neg_pb);  // the Pb the products use, so the centring is exact
       DZ_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(p.scale * dz);
-      NP_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(-pb);
+      NP_warp[(lane >> 1) * LDP + j] = neg_pb;
     }
     __syncwarp();
 #pragma unroll 1
@@ -217,7 +254,8 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   }
   coef += shfl_xor(coef, 1);
 
-  // dk_s = acc_dk + coef_s w_s ; dw_s = acc_dw + coef_s k_s (zero for padded keys).
+  // dk_s = (acc_dk + coef_s (w_s - mu_w)) / 2^e ; dw_s = (acc_dw + coef_s (k_s - mu_k)) / 2^e
+  // (zero for padded keys).
   acc_t* dk_row = p.dk + (bh * T + s) * d;
   acc_t* dw_row = p.dw + (bh * T + s) * d;
 #pragma unroll
@@ -229,8 +267,10 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     for (int i = 0; i < 8; ++i) {
       const int col = j * 16 + half * 8 + i;
       if (s < T && col < d) {
-        dk_row[col] = key_ok ? vk[i] + coef * to_acc(W_warp[(lane >> 1) * LDD + col]) : acc_t(0);
-        dw_row[col] = key_ok ? vw[i] + coef * to_acc(K_warp[(lane >> 1) * LDD + col]) : acc_t(0);
+        const acc_t wc = to_acc(W_warp[(lane >> 1) * LDD + col]) - mu_bh[d + col];
+        const acc_t kc = to_acc(K_warp[(lane >> 1) * LDD + col]) - mu_bh[col];
+        dk_row[col] = key_ok ? (vk[i] + coef * wc) * inv_pscale : acc_t(0);
+        dw_row[col] = key_ok ? (vw[i] + coef * kc) * inv_pscale : acc_t(0);
       }
     }
   }
@@ -265,8 +305,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   // Heavy (late, causal) query blocks first.
   const int qb = p.n_blocks - 1 - static_cast<int>(blockIdx.x % p.n_blocks);
   const int64_t bh = blockIdx.x / p.n_blocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t bh_kv = b * (p.H / p.group) + h / p.group;
+  const int64_t b = bh / p.H;
   const int64_t t0 = static_cast<int64_t>(qb) * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = 16 * warp + (lane >> 1), half = lane & 1;
@@ -278,17 +317,13 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   const acc_t row_betac = in_range ? p.beta_c[bh * T + t] : acc_t(0);
   const bool active = row_betac != acc_t(0);
 
-  const acc_t* stats_bh = p.stats + bh * T * 2 * d;
-  load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, t0, R, T, d, nullptr);
-  for (int idx = threadIdx.x; idx < R * D; idx += kThreads) {
-    const int r = idx / D, c = idx % D;
-    const int64_t tt = t0 + r;
-    const bool ok = tt < T && c < d;
-    KBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_bh[tt * 2 * d + c] : acc_t(0));
-    WBs[r * LDD + c] = Cast<in_t>::from(ok ? stats_bh[tt * 2 * d + d + c] : acc_t(0));
-  }
+  const acc_t* mu_bh = p.mu + bh * 2 * d;
+  // Padded query rows load as zeros (their dq is 0 either way).
+  load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, t0, R, T, d, mask_row);
+  load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * T * 2 * d, mu_bh, t0, R, T, d);
   const bool any_active = __syncthreads_or(active);
-  const int64_t key_end = !any_active ? 0 : (p.causal ? min(T, t0 + R) : T);
+  const int64_t key_end =
+      !any_active ? 0 : (p.causal != 0 ? min(T, t0 + R - causal_diag(p.causal)) : T);
 
   const in_t* Q_warp = Qs + 16 * warp * LDD;
   const in_t* KB_warp = KBs + 16 * warp * LDD;
@@ -300,10 +335,11 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   typename Mma::Acc acc_dq[D / 16];
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) Mma::zero(acc_dq[j]);
+  acc_t a_sum = 0;  // sum_s r(c a_ts), for the mu_k correction
 
   for (int64_t s0 = 0; s0 < key_end; s0 += N) {
     __syncthreads();
-    load_tile<D, kThreads>(Ks, LDD, p.k + bh_kv * T * d, s0, N, T, d, mask_row);
+    load_tile<D, kThreads>(Ks, LDD, p.k + bh * T * d, s0, N, T, d, mask_row);
     load_tile<D, kThreads>(Ws, LDD, p.w + bh * T * d, s0, N, T, d, mask_row);
     for (int j = threadIdx.x; j < N; j += kThreads) {
       const int64_t s = s0 + j;
@@ -330,13 +366,15 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     __syncwarp();
     for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
       const int64_t s = s0 + j;
-      acc_t dz = 0;
-      if (active && key_ok[j] != 0 && (!p.causal || s <= t)) {
+      acc_t a = 0;  // alpha (h - hbar): beta is applied in the epilogue
+      if (active && key_ok[j] != 0 && causally_allowed(p.causal, s, t)) {
         const int r = lane >> 1;
         const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - row_lse);
-        dz = row_betac * alpha * (gs[j] - C_warp[r * LDS + j] - row_hbar);
+        a = alpha * (gs[j] - C_warp[r * LDS + j] - row_hbar);
       }
-      DZ_warp[(lane >> 1) * LDP + j] = Cast<in_t>::from(p.scale * dz);
+      const in_t ca = Cast<in_t>::from(p.scale * a);
+      a_sum += to_acc(ca);
+      DZ_warp[(lane >> 1) * LDP + j] = ca;
     }
     __syncwarp();
 #pragma unroll 1
@@ -348,6 +386,8 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     }
   }
 
+  // dq_t = beta_t c (sum_s r(c a_ts) k_s - mu_k sum_s r(c a_ts)).
+  a_sum += shfl_xor(a_sum, 1);
   acc_t* dq_row = p.dq + (bh * T + t) * d;
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) {
@@ -356,7 +396,9 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int col = j * 16 + half * 8 + i;
-      if (t < T && col < d) dq_row[col] = v[i];
+      if (t < T && col < d) {
+        dq_row[col] = active ? row_betac * (v[i] - mu_bh[col] * a_sum) : acc_t(0);
+      }
     }
   }
 }
@@ -364,8 +406,8 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
 template <typename in_t, typename Kernel>
 void launch(Kernel kernel, size_t smem, int threads, int64_t blocks, const BackwardParams<in_t>& p) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "token_margins backward: too many tiles for one launch: ", blocks);
-  set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "token_margins backward");
+              "barrier_ops.kappa backward: too many tiles for one launch: ", blocks);
+  set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "barrier_ops.kappa backward");
   kernel<<<static_cast<unsigned>(blocks), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -383,54 +425,55 @@ void launch_backward(BackwardParams<in_t> p, int64_t BH) {
 }  // namespace
 }  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(
-    const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats, double scale,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  cuda::check_core_inputs(q);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  const auto acc = accumulation_dtype(q.scalar_type());
-  const auto opts = q.options().dtype(acc);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(const KappaProblem& problem,
+                                                                   const at::Tensor& grad_kappa,
+                                                                   const KappaState& state) {
+  // q, k, w and the saved state arrive contiguous and checked (csrc/kappa.cpp).
+  const c10::cuda::CUDAGuard device_guard(problem.q.device());
+  cuda::check_core_inputs(problem.q);
+  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const auto acc = accumulation_dtype(problem.q.scalar_type());
+  const auto opts = problem.q.options().dtype(acc);
   // Every element is written by the kernels (zeros where nothing flows).
   at::Tensor dq = at::empty({B, H, T, d}, opts);
   at::Tensor dk = at::empty({B, H, T, d}, opts);
   at::Tensor dw = at::empty({B, H, T, d}, opts);
   if (B * H * T == 0) return {dq, dk, dw};
-  const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), w_c = w.contiguous();
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
-  const at::Tensor kappa_c = kappa.contiguous(), lse_c = lse.contiguous();
-  const at::Tensor stats_c = stats.contiguous();
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const KappaState st{state.kappa.contiguous(), state.lse.contiguous(),
+                      state.stats.contiguous()};
+  const at::Tensor mu = cuda::key_value_means(problem);
   at::Tensor g = at::empty({B, H, T}, opts);
   at::Tensor hbar = at::empty({B, H, T}, opts);
   at::Tensor beta_c = at::empty({B, H, T}, opts);
-  cuda::launch_row_prep(k_c, w_c, stats_c, kappa_c, lse_c, beta, scale, g, hbar, beta_c);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kappa_backward_cuda",
-                                  [&] {
+  cuda::prepare_rows(problem, mu, &st, beta, g, hbar, beta_c);
+  // max over t of |beta_t c| per (b, h); NaN propagates (the kernel then uses 1).
+  const at::Tensor beta_amax = beta_c.abs().amax({2});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.q.scalar_type(),
+                                  "kappa_backward_cuda", [&] {
     using in_t = typename cuda::NativeType<scalar_t>::type;
     using acc_t = typename cuda::Traits<in_t>::acc_t;
     cuda::BackwardParams<in_t> p;
-    p.q = reinterpret_cast<const in_t*>(q_c.data_ptr());
-    p.k = reinterpret_cast<const in_t*>(k_c.data_ptr());
-    p.w = reinterpret_cast<const in_t*>(w_c.data_ptr());
-    p.stats = stats_c.data_ptr<acc_t>();
-    p.lse = lse_c.data_ptr<acc_t>();
-    p.g = g.data_ptr<acc_t>();
-    p.hbar = hbar.data_ptr<acc_t>();
-    p.beta_c = beta_c.data_ptr<acc_t>();
-    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    p.q = reinterpret_cast<const in_t*>(problem.q.const_data_ptr());
+    p.k = reinterpret_cast<const in_t*>(problem.k.const_data_ptr());
+    p.w = reinterpret_cast<const in_t*>(problem.w.const_data_ptr());
+    p.stats = st.stats.const_data_ptr<acc_t>();
+    p.lse = st.lse.const_data_ptr<acc_t>();
+    p.g = g.const_data_ptr<acc_t>();
+    p.hbar = hbar.const_data_ptr<acc_t>();
+    p.beta_c = beta_c.const_data_ptr<acc_t>();
+    p.beta_amax = beta_amax.const_data_ptr<acc_t>();
+    p.mu = mu.const_data_ptr<acc_t>();
+    p.mask = problem.mask_ptr();
     p.dq = dq.data_ptr<acc_t>();
     p.dk = dk.data_ptr<acc_t>();
     p.dw = dw.data_ptr<acc_t>();
     p.T = T;
     p.H = static_cast<int>(H);
-    p.group = static_cast<int>(H / k.size(1));
     p.d = static_cast<int>(d);
     p.n_blocks = 0;
-    p.scale = static_cast<acc_t>(scale);
-    p.causal = causal;
+    p.scale = static_cast<acc_t>(problem.scale);
+    p.causal = static_cast<int>(problem.causal);
     if (d <= 64) {
       cuda::launch_backward<in_t, 64>(p, B * H);
     } else {

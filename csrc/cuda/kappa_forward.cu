@@ -1,6 +1,6 @@
-// Fused CUDA forward core of token_margins (KappaForwardFn): flash-attention
-// style, one CTA per (b, h, block of queries), key blocks streamed through
-// shared memory, no T x T buffer.
+// Fused CUDA forward core of barrier_ops::kappa (KappaForwardFn):
+// flash-attention style, one CTA per (b, h, block of queries), key blocks
+// streamed through shared memory, no T x T buffer.
 //
 // Two passes over the keys: the first finds each row's log-sum-exp (online
 // max / sum), the second forms the normalised softmax weights alpha exactly
@@ -9,6 +9,10 @@
 // pass, but keeps the big accumulators in WMMA fragments (whose layout is
 // opaque, so they cannot be rescaled per row), and the normalised weights
 // (in [0, 1]) round to bf16/fp16 safely for the tensor-core product.
+//
+// kappa is formed from centred quantities (kernel_common.cuh, "Centring"):
+// gc_s = <k_s - mu_k, w_s - mu_w> and kbar - mu_k, wbar - mu_w in the fp32
+// epilogue, so keys / values with a large mean do not cancel.
 #include "cuda_cores.h"
 #include "kernel_common.cuh"
 
@@ -58,17 +62,18 @@ template <typename in_t>
 struct ForwardParams {
   using acc_t = typename Traits<in_t>::acc_t;
   const in_t* q;      // [B, H, T, d]
-  const in_t* k;      // [B, Hkv, T, d]
+  const in_t* k;      // [B, H, T, d]  (one slice per query head)
   const in_t* w;      // [B, H, T, d]
-  const acc_t* g;     // [B, H, T]  <k_s, w_s> per query head
+  const acc_t* g;     // [B, H, T]  gc_s = <k_s - mu_k, w_s - mu_w>
+  const acc_t* mu;    // [B, H, 2d] [mu_k | mu_w]
   const bool* mask;   // [B, T] or nullptr
   acc_t* kappa;       // [B, H, T]
   acc_t* lse;         // [B, H, T]
   acc_t* stats;       // [B, H, T, 2d]
   int64_t T;
-  int H, group, d, n_qblocks;
+  int H, d, n_qblocks;
   acc_t scale;
-  bool causal;
+  int causal;  // CausalMode: 0 none, 1 inclusive, 2 strict
 };
 
 template <typename in_t, int D>
@@ -95,13 +100,12 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   // Heavy (late, causal) query blocks first: they take the most key blocks.
   const int qb = p.n_qblocks - 1 - static_cast<int>(blockIdx.x % p.n_qblocks);
   const int64_t bh = blockIdx.x / p.n_qblocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t bh_kv = b * (p.H / p.group) + h / p.group;
+  const int64_t b = bh / p.H;
   const int64_t t0 = static_cast<int64_t>(qb) * BQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const in_t* q_bh = p.q + bh * T * d;
-  const in_t* k_bh = p.k + bh_kv * T * d;
+  const in_t* k_bh = p.k + bh * T * d;
   const in_t* w_bh = p.w + bh * T * d;
   const acc_t* g_bh = p.g + bh * T;
   const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
@@ -113,11 +117,14 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   const int64_t t = t0 + row;
   const bool query_real = t < T && (mask_row == nullptr || mask_row[t]);
 
-  load_tile<D, kThreads>(Qs, LDD, q_bh, t0, BQ, T, d, nullptr);
+  // Padded query rows load as zeros: their (unused) logits stay finite.
+  load_tile<D, kThreads>(Qs, LDD, q_bh, t0, BQ, T, d, mask_row);
   // A CTA whose queries are all padding skips both passes; its rows are then
   // written as invalid below (kappa 0, lse -inf, stats 0).
   const bool any_real = __syncthreads_or(query_real);
-  const int64_t key_end = !any_real ? 0 : (p.causal ? min(T, t0 + BQ) : T);
+  // The block's last query t0 + BQ - 1 sees keys s <= t0 + BQ - 1 - diag.
+  const int64_t key_end =
+      !any_real ? 0 : (p.causal != 0 ? min(T, t0 + BQ - causal_diag(p.causal)) : T);
   const int n_kblocks = static_cast<int>((key_end + BK - 1) / BK);
 
   const in_t* Q_warp = Qs + 16 * warp * LDD;
@@ -138,7 +145,7 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
     }
   };
   auto allowed = [&](int j, int64_t s) {
-    return t < T && key_ok[j] != 0 && (!p.causal || s <= t);
+    return t < T && key_ok[j] != 0 && causally_allowed(p.causal, s, t);
   };
 
   // ---- pass 1: row max and sum of exp (online), hence lse ----
@@ -231,8 +238,11 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
 
   // ---- epilogue: stats = [kbar | wbar], kappa, lse ----
   // The warp's own score rows are free now and serve as its staging area.
+  // kappa = c (sum alpha gc - <kbar - mu_k, wbar - mu_w>): both terms are
+  // O(var), not O(mean^2).
   acc_t kw = 0;
   acc_t* stats_row = p.stats + (bh * T + t) * 2 * d;
+  const acc_t* mu_bh = p.mu + bh * 2 * d;
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) {
     acc_t kbar[8], wbar[8];
@@ -244,7 +254,7 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
       const acc_t kb_v = valid ? kbar[i] * inv : acc_t(0);
       const acc_t wb_v = valid ? wbar[i] * inv : acc_t(0);
       if (col < d) {
-        kw += kb_v * wb_v;
+        if (valid) kw += (kb_v - mu_bh[col]) * (wb_v - mu_bh[d + col]);
         if (t < T) {
           stats_row[col] = kb_v;
           stats_row[d + col] = wb_v;
@@ -259,39 +269,46 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   }
 }
 
-// One warp per row: g = <k, w>, and for the backward hbar and beta * scale.
+// One warp per row: gc = <k - mu_k, w - mu_w>, and for the backward hbar and
+// beta * c (contract: prepare_rows in kernel_common.cuh).
 template <typename in_t>
 __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restrict__ w,
+                                const typename Traits<in_t>::acc_t* __restrict__ mu,
                                 const typename Traits<in_t>::acc_t* __restrict__ stats,
                                 const typename Traits<in_t>::acc_t* __restrict__ kappa,
                                 const typename Traits<in_t>::acc_t* __restrict__ lse,
                                 const typename Traits<in_t>::acc_t* __restrict__ beta,
-                                typename Traits<in_t>::acc_t* __restrict__ g,
+                                typename Traits<in_t>::acc_t* __restrict__ gc,
                                 typename Traits<in_t>::acc_t* __restrict__ hbar,
                                 typename Traits<in_t>::acc_t* __restrict__ beta_c, int64_t rows,
-                                int64_t T, int H, int group, int d,
-                                typename Traits<in_t>::acc_t scale) {
+                                int64_t T, int d, typename Traits<in_t>::acc_t scale) {
   using acc_t = typename Traits<in_t>::acc_t;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // uniform per warp
-  const int64_t bh = row / T, t = row % T;
-  const int64_t b = bh / H, h = bh % H;
-  const int64_t kv_row = (b * (H / group) + h / group) * T + t;
-  acc_t kdotw = 0, bars = 0;
+  const int64_t bh = row / T;
+  const acc_t* mu_k = mu + bh * 2 * d;
+  const acc_t* mu_w = mu_k + d;
+  acc_t gdot = 0, corr = 0;
   for (int c = lane; c < d; c += 32) {
-    kdotw += to_acc(k[kv_row * d + c]) * to_acc(w[row * d + c]);
-    if (stats != nullptr) bars += stats[row * 2 * d + c] * stats[row * 2 * d + d + c];
+    gdot += (to_acc(k[row * d + c]) - mu_k[c]) * (to_acc(w[row * d + c]) - mu_w[c]);
+    if (stats != nullptr) {
+      const acc_t kb = stats[row * 2 * d + c], wb = stats[row * 2 * d + d + c];
+      const acc_t kbc = kb - mu_k[c], wbc = wb - mu_w[c];
+      // The same rounding as the kernels' bar tiles (load_bar_tiles).
+      const acc_t rk = to_acc(Cast<in_t>::from(kbc)), rw = to_acc(Cast<in_t>::from(wbc));
+      corr += kbc * wbc - kb * rw - rk * wb;
+    }
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    kdotw += shfl_xor(kdotw, offset);
-    bars += shfl_xor(bars, offset);
+    gdot += shfl_xor(gdot, offset);
+    corr += shfl_xor(corr, offset);
   }
   if (lane != 0) return;
-  g[row] = kdotw;
+  gc[row] = gdot;
   if (stats != nullptr) {
-    hbar[row] = kappa[row] / scale - bars;
+    hbar[row] = kappa[row] / scale + corr;
     // NaN beta stays "active" so it propagates as on CPU.
     const bool active = isfinite(lse[row]) && beta[row] != acc_t(0);
     beta_c[row] = active ? beta[row] * scale : acc_t(0);
@@ -299,34 +316,34 @@ __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restri
 }
 
 template <typename in_t, int D>
-void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-                    const at::Tensor& g, const at::Tensor& mask, double scale, bool causal,
-                    at::Tensor& kappa, at::Tensor& lse, at::Tensor& stats) {
+void launch_forward(const KappaProblem& pr, const at::Tensor& g, const at::Tensor& mu,
+                    KappaState& out) {
   using Cfg = ForwardConfig<in_t, D>;
   using acc_t = typename Cfg::acc_t;
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
+  const int64_t B = pr.B(), H = pr.H(), T = pr.T();
   ForwardParams<in_t> p;
-  p.q = reinterpret_cast<const in_t*>(q.data_ptr());
-  p.k = reinterpret_cast<const in_t*>(k.data_ptr());
-  p.w = reinterpret_cast<const in_t*>(w.data_ptr());
-  p.g = g.data_ptr<acc_t>();
-  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  p.kappa = kappa.data_ptr<acc_t>();
-  p.lse = lse.data_ptr<acc_t>();
-  p.stats = stats.data_ptr<acc_t>();
+  p.q = reinterpret_cast<const in_t*>(pr.q.const_data_ptr());
+  p.k = reinterpret_cast<const in_t*>(pr.k.const_data_ptr());
+  p.w = reinterpret_cast<const in_t*>(pr.w.const_data_ptr());
+  p.g = g.const_data_ptr<acc_t>();
+  p.mu = mu.const_data_ptr<acc_t>();
+  p.mask = pr.mask_ptr();
+  p.kappa = out.kappa.data_ptr<acc_t>();
+  p.lse = out.lse.data_ptr<acc_t>();
+  p.stats = out.stats.data_ptr<acc_t>();
   p.T = T;
   p.H = static_cast<int>(H);
-  p.group = static_cast<int>(H / k.size(1));
-  p.d = static_cast<int>(q.size(3));
+  p.d = static_cast<int>(pr.d());
   p.n_qblocks = static_cast<int>((T + Cfg::BQ - 1) / Cfg::BQ);
-  p.scale = static_cast<acc_t>(scale);
-  p.causal = causal;
+  p.scale = static_cast<acc_t>(pr.scale);
+  p.causal = static_cast<int>(pr.causal);
   const int64_t blocks = B * H * p.n_qblocks;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "token_margins: too many (batch, head, query block) tiles for one launch: ", blocks);
+              "barrier_ops.kappa: too many (batch, head, query block) tiles for one launch: ",
+              blocks);
   constexpr size_t smem = Cfg::layout().bytes;
   auto kernel = &kappa_forward_kernel<in_t, D>;
-  set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "token_margins forward");
+  set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "barrier_ops.kappa forward");
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem,
            at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -338,13 +355,15 @@ void check_core_inputs(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.size(3) <= kMaxHeadDim,
                     "the CUDA kernels support head dims d <= ", kMaxHeadDim, ", got d=",
                     q.size(3), " (q dim 3)");
-  const auto st = q.scalar_type();
-  if (st == at::kHalf || st == at::kBFloat16) {
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    TORCH_CHECK_VALUE(prop->major >= 8, "float16/bfloat16 inputs need a GPU of compute "
-                      "capability 8.0 or newer (tensor-core kernels), got ", prop->major, ".",
-                      prop->minor, "; cast q, k, v to float32");
-  }
+  // Every dtype: the kernels are built for sm_80 / sm_90 (+ PTX for newer
+  // GPUs), the 16-bit paths use sm_80 tensor-core instructions and the tiles
+  // assume sm_80's shared-memory opt-in. Older GPUs would otherwise fail with
+  // "no kernel image is available" or an illegal instruction.
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, "barrier_ops' fused CUDA kernels need a GPU of compute "
+              "capability 8.0 or newer (Ampere, Hopper and later), but ", prop->name,
+              " has compute capability ", prop->major, ".", prop->minor, " (", q.scalar_type(),
+              " inputs); use backend=\"sdpa\" or compute on the CPU");
 }
 
 void set_smem_limit(const void* kernel, size_t smem, const char* what) {
@@ -356,63 +375,75 @@ void set_smem_limit(const void* kernel, size_t smem, const char* what) {
                                       static_cast<int>(smem)));
 }
 
-void launch_row_prep(const at::Tensor& k, const at::Tensor& w, const at::Tensor& stats,
-                     const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& beta,
-                     double scale, at::Tensor& g, at::Tensor& hbar, at::Tensor& beta_c) {
-  const int64_t B = w.size(0), H = w.size(1), T = w.size(2), d = w.size(3);
-  const int64_t rows = B * H * T;
+at::Tensor key_value_means(const KappaProblem& pr) {
+  const auto acc = accumulation_dtype(pr.q.scalar_type());
+  const int64_t B = pr.B(), T = pr.T();
+  if (!pr.key_padding_mask.defined()) {
+    const double inv_t = T > 0 ? 1.0 / static_cast<double>(T) : 0.0;
+    return at::cat({at::sum(pr.k, {2}, false, acc), at::sum(pr.w, {2}, false, acc)}, -1)
+        .mul_(inv_t);
+  }
+  // masked_fill, not a multiply: padded rows may hold NaN / inf.
+  const at::Tensor pad = pr.key_padding_mask.logical_not().view({B, 1, T, 1});
+  const at::Tensor count =
+      pr.key_padding_mask.sum({1}, false, acc).clamp_min_(1.0).view({B, 1, 1});
+  return at::cat({at::sum(pr.k.masked_fill(pad, 0), {2}, false, acc),
+                  at::sum(pr.w.masked_fill(pad, 0), {2}, false, acc)},
+                 -1)
+      .div_(count);
+}
+
+void prepare_rows(const KappaProblem& pr, const at::Tensor& mu, const KappaState* state,
+                  const at::Tensor& beta, at::Tensor& gc, at::Tensor& hbar, at::Tensor& beta_c) {
+  const int64_t rows = pr.B() * pr.H() * pr.T();
   if (rows == 0) return;
   constexpr int kWarpsPerBlock = 8;
   const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many rows: ", rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "row_prep", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.q.scalar_type(), "row_prep", [&] {
     using in_t = typename NativeType<scalar_t>::type;
     using acc_t = typename Traits<in_t>::acc_t;
-    const bool backward = stats.defined();
+    const bool backward = state != nullptr;
     row_prep_kernel<in_t><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, 0,
                             at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const in_t*>(k.data_ptr()), reinterpret_cast<const in_t*>(w.data_ptr()),
-        backward ? stats.data_ptr<acc_t>() : nullptr,
-        backward ? kappa.data_ptr<acc_t>() : nullptr, backward ? lse.data_ptr<acc_t>() : nullptr,
-        backward ? beta.data_ptr<acc_t>() : nullptr, g.data_ptr<acc_t>(),
+        reinterpret_cast<const in_t*>(pr.k.const_data_ptr()),
+        reinterpret_cast<const in_t*>(pr.w.const_data_ptr()), mu.const_data_ptr<acc_t>(),
+        backward ? state->stats.const_data_ptr<acc_t>() : nullptr,
+        backward ? state->kappa.const_data_ptr<acc_t>() : nullptr,
+        backward ? state->lse.const_data_ptr<acc_t>() : nullptr,
+        backward ? beta.const_data_ptr<acc_t>() : nullptr, gc.data_ptr<acc_t>(),
         backward ? hbar.data_ptr<acc_t>() : nullptr, backward ? beta_c.data_ptr<acc_t>() : nullptr,
-        rows, T, static_cast<int>(H), static_cast<int>(H / k.size(1)), static_cast<int>(d),
-        static_cast<acc_t>(scale));
+        rows, pr.T(), static_cast<int>(pr.d()), static_cast<acc_t>(pr.scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 }  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  cuda::check_core_inputs(q);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  const auto opts = q.options().dtype(accumulation_dtype(q.scalar_type()));
+KappaState kappa_forward_cuda(const KappaProblem& problem) {
+  // q, k, w arrive contiguous, checked and on one device (csrc/kappa.cpp).
+  const c10::cuda::CUDAGuard device_guard(problem.q.device());
+  cuda::check_core_inputs(problem.q);
+  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const auto opts = problem.q.options().dtype(accumulation_dtype(problem.q.scalar_type()));
   // The kernel writes every element, valid or not: no fill needed.
-  at::Tensor kappa = at::empty({B, H, T}, opts);
-  at::Tensor lse = at::empty({B, H, T}, opts);
-  at::Tensor stats = at::empty({B, H, T, 2 * d}, opts);
-  if (B * H * T == 0) return {kappa, lse, stats};
-  const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), w_c = w.contiguous();
-  const at::Tensor mask =
-      key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  KappaState out{at::empty({B, H, T}, opts), at::empty({B, H, T}, opts),
+                 at::empty({B, H, T, 2 * d}, opts)};
+  if (B * H * T == 0) return out;
+  const at::Tensor mu = cuda::key_value_means(problem);
   at::Tensor g = at::empty({B, H, T}, opts);
   at::Tensor unused;
-  cuda::launch_row_prep(k_c, w_c, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), scale,
-                        g, unused, unused);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kappa_forward_cuda",
-                                  [&] {
+  cuda::prepare_rows(problem, mu, nullptr, at::Tensor(), g, unused, unused);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.q.scalar_type(),
+                                  "kappa_forward_cuda", [&] {
     using in_t = typename cuda::NativeType<scalar_t>::type;
     if (d <= 64) {
-      cuda::launch_forward<in_t, 64>(q_c, k_c, w_c, g, mask, scale, causal, kappa, lse, stats);
+      cuda::launch_forward<in_t, 64>(problem, g, mu, out);
     } else {
-      cuda::launch_forward<in_t, 128>(q_c, k_c, w_c, g, mask, scale, causal, kappa, lse, stats);
+      cuda::launch_forward<in_t, 128>(problem, g, mu, out);
     }
   });
-  return {kappa, lse, stats};
+  return out;
 }
 
 }  // namespace barrier_ops

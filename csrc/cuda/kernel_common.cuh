@@ -1,12 +1,26 @@
 // Building blocks shared by the CUDA kernels of barrier_ops: element casts,
 // per-dtype tile configurations, a warp-level 16x16 tile product with two
-// implementations (WMMA tensor cores for fp16/bf16, scalar FMA for fp32/fp64)
-// and the global -> shared tile loader.
+// implementations (WMMA tensor cores for fp16/bf16, scalar FMA for fp32/fp64),
+// the global -> shared tile loader, the causal-mode predicate, and the host
+// helpers shared by the forward and backward cores (defined in
+// kappa_forward.cu).
 //
 // Every kernel gives each warp 16 rows of a tile and keeps the products in
 // shared memory between stages; the warp-owned rows make the softmax-style
 // elementwise stages warp-local (only __syncwarp between them).
+//
+// Centring. Every kernel works with per-(b, h) means mu_k, mu_w of k and w
+// (over the real tokens) subtracted wherever a sum would otherwise cancel:
+// kappa, the cross term, dq, dk and dw are all invariant to those shifts
+// (softmax is shift invariant per row, kappa is a covariance, and
+// sum_t Pb_ts mu = coef_s mu), so the means change no result in exact
+// arithmetic and keep keys / values with a large mean from cancelling
+// catastrophically in fp32 and in the bf16/fp16 tensor-core operands.
+// The logits always use the original k (exact inputs), so the saved lse is
+// that of the problem as given.
 #pragma once
+
+#include "cuda_cores.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -271,6 +285,60 @@ __device__ __forceinline__ void load_tile(dst_t* dst, int ld, const src_t* src, 
     dst[r * ld + c] = value;
   }
 }
+
+// ---------------------------------------------------------------------------
+// Causality. `causal` is CausalMode as an int: 0 none, 1 inclusive (s <= t),
+// 2 strict (s < t). Key s is allowed for query t iff
+//   causal == 0  or  s + diag <= t,   diag = (causal == 2).
+// ---------------------------------------------------------------------------
+__host__ __device__ __forceinline__ int64_t causal_diag(int causal) { return causal == 2 ? 1 : 0; }
+__device__ __forceinline__ bool causally_allowed(int causal, int64_t s, int64_t t) {
+  return causal == 0 || s + causal_diag(causal) <= t;
+}
+
+// A power of two p with m * p in [0.5, 1) (m > 0, finite), else 1; exact, so
+// scaling by p and by 1 / p (pow2_inverse) changes no rounding but fp16's
+// range. Used to bring beta * c (as small as ~1e-8 with a mean-reduced, weighted
+// barrier over many tokens) into fp16's normal range before the tensor cores.
+__device__ __forceinline__ int pow2_exponent(float m) {
+  if (!(m > 0.0f) || !isfinite(m)) return 0;
+  int e = 0;
+  frexpf(m, &e);
+  return max(-125, min(125, e));
+}
+__device__ __forceinline__ int pow2_exponent(double m) {
+  if (!(m > 0.0) || !isfinite(m)) return 0;
+  int e = 0;
+  frexp(m, &e);
+  return max(-1021, min(1021, e));
+}
+__device__ __forceinline__ float pow2(float, int e) { return ldexpf(1.0f, e); }
+__device__ __forceinline__ double pow2(double, int e) { return ldexp(1.0, e); }
+
+// ---------------------------------------------------------------------------
+// Host helpers shared by the two cores (defined in kappa_forward.cu).
+// ---------------------------------------------------------------------------
+
+// Per-(b, h) means of k and w over the real tokens (key_padding_mask; padded
+// rows, NaN or not, are left out), [B, H, 2d] in the accumulation dtype:
+// [mu_k | mu_w], the layout of a stats row. 0 for a sequence with no real
+// token.
+at::Tensor key_value_means(const KappaProblem& problem);
+
+// One warp per row of [B, H, T]:
+//   gc[b,h,s] = <k_s - mu_k, w_s - mu_w>                        (always)
+// and, when state is given (backward), with kbarc = kbar - mu_k, wbarc =
+// wbar - mu_w and r() the rounding to the input dtype that the kernels apply
+// to their bar tiles:
+//   hbar[b,h,t]   = kappa_t / c + <kbarc, wbarc> - <kbar, r(wbarc)> - <r(kbarc), wbar>
+//                 = sum_s alpha_ts (gc_s - <k_s, r(wbarc_t)> - <r(kbarc_t), w_s>),
+//     i.e. the alpha-mean of exactly the h the kernels form from the rounded
+//     tiles, so h - hbar has no rounding mismatch;
+//   beta_c[b,h,t] = beta_t * c at active rows (finite lse, beta != 0), else 0
+//     (NaN beta stays active and propagates).
+void prepare_rows(const KappaProblem& problem, const at::Tensor& mu, const KappaState* state,
+                  const at::Tensor& beta, at::Tensor& gc, at::Tensor& hbar,
+                  at::Tensor& beta_c);
 
 }  // namespace cuda
 }  // namespace barrier_ops
