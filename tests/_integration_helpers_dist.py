@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 import traceback
 
 import torch
@@ -79,18 +81,27 @@ def _rank_step(mode, rank, world):
     raise ValueError(mode)
 
 
-def worker(rank, world, port, modes, out_dir):
+COLLECTIVE_TIMEOUT_S = 120  # a rank waiting on a partner that died or hangs errors after this
+
+
+def worker(rank, world, init_method, modes, out_dir):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results = {}
     try:
         for mode in modes:
             try:
                 results[mode] = _rank_step(mode, rank, world)
-            except Exception:  # reported to the test, which decides (e.g. FSDP unsupported on CPU)
+            except Exception:  # reported to the test as a failure of this mode (the other modes still run)
                 results[mode] = traceback.format_exc()
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def hang(rank):
+    """A worker that never finishes (tests the spawn deadline)."""
+    time.sleep(600)

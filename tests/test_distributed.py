@@ -10,14 +10,17 @@ One spawn runs all three to pay the process start-up once.
 
 from __future__ import annotations
 
-import socket
+import signal
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.torch_version import TorchVersion
 
 import _integration_helpers_dist as D
+from _cases import assert_grads_close
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,31 +28,54 @@ pytestmark = [
 ]
 
 WORLD = 2
+# The whole spawn (start-up, three modes, teardown) takes ~12 s on 2 cores; a
+# rank stuck in a collective errors after D.COLLECTIVE_TIMEOUT_S, and anything
+# else (a dead rank's partner, a deadlock outside gloo) is cut off here.
+DEADLINE_S = 300
+
+# FSDP2 became public (torch.distributed.fsdp.fully_shard) in torch 2.6, with
+# CPU/gloo support; torch 2.4's private version needs CUDA. This version test is
+# the only reason to skip it: on torch >= 2.6 any failure of the run is a failure.
+HAS_CPU_FSDP2 = TorchVersion(torch.__version__) >= (2, 6)
 
 
-def _has_cpu_fsdp2() -> bool:
-    # FSDP2 became public (torch.distributed.fsdp.fully_shard) in torch 2.6,
-    # with CPU/gloo support; torch 2.4's private version needs CUDA.
+def run_workers(fn, args, nprocs, deadline_s, started=None):
+    """mp.start_processes(spawn) bounded in time: every child has exited when this returns.
+
+    A child that raises fails the caller with its traceback (torch terminates the
+    others); children still running at the deadline are terminated (then killed)
+    and the caller fails. started: a list that receives the child processes.
+    """
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    if started is not None:
+        started.extend(ctx.processes)
+    deadline = time.monotonic() + deadline_s
     try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+                pytest.fail(f"ranks {alive} still running after {deadline_s} s: terminated", pytrace=False)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("dist")
-    modes = ("ddp", "fsdp", "hf") if _has_cpu_fsdp2() else ("ddp", "hf")
-    mp.start_processes(D.worker, args=(WORLD, _free_port(), modes, str(out)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    modes = ("ddp", "fsdp", "hf") if HAS_CPU_FSDP2 else ("ddp", "hf")
+    # Rendezvous through a file in a fresh directory: no port to pick, so no race with
+    # another process taking it between the choice and the bind (gloo's own sockets
+    # bind port 0 themselves).
+    store = f"file://{out / 'store'}"
+    run_workers(D.worker, (WORLD, store, modes, str(out)), WORLD, DEADLINE_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -58,21 +84,25 @@ def _check(results, mode, tol):
     for rank, per_rank in enumerate(results):
         got = per_rank[mode]
         assert not isinstance(got, str), f"rank {rank} failed:\n{got}"
-        assert got.keys() == want.keys()
-        for name in want:
-            err = (got[name] - want[name]).abs().max() / want[name].abs().max().clamp(min=1e-12)
-            assert err < tol, f"rank {rank} {mode} {name}: relative error {err:.3e}"
+        assert_grads_close(got, want, tol, f"rank {rank} {mode}")
+
+
+def test_run_workers_bounds_a_hung_spawn_in_time():
+    start, children = time.monotonic(), []
+    with pytest.raises(pytest.fail.Exception, match="ranks \\[0, 1\\] still running after 2 s"):
+        run_workers(D.hang, (), 2, 2, started=children)
+    assert time.monotonic() - start < 20
+    assert len(children) == 2
+    for p in children:  # terminated by the deadline (SIGTERM), and reaped
+        assert not p.is_alive() and p.exitcode == -signal.SIGTERM, p.exitcode
 
 
 def test_ddp_gradients_equal_single_process(distributed_results):
     _check(distributed_results, "ddp", 1e-10)
 
 
-@pytest.mark.skipif(not _has_cpu_fsdp2(), reason="FSDP2 on CPU needs torch>=2.6 (public fully_shard)")
+@pytest.mark.skipif(not HAS_CPU_FSDP2, reason="FSDP2 on CPU needs torch>=2.6 (public fully_shard)")
 def test_fsdp2_gradients_equal_single_process(distributed_results):
-    got = distributed_results[0]["fsdp"]
-    if isinstance(got, str) and ("not supported" in got.lower() or "NotImplementedError" in got):
-        pytest.skip(f"FSDP2 on CPU/gloo not supported by this torch: {got.splitlines()[-1]}")
     _check(distributed_results, "fsdp", 1e-10)
 
 
