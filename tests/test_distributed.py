@@ -1,4 +1,5 @@
-"""Multi-process training with the barrier attached: 2 CPU processes, gloo, 127.0.0.1 only.
+"""Multi-process training with the barrier attached: 2 CPU processes, gloo on the loopback
+device, rendezvous through a file (no network port to choose).
 
 Each rank runs half of the batch; the gradients every rank ends with must
 equal one process running the whole batch:
