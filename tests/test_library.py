@@ -12,42 +12,65 @@ from _cases import GRID, Case, assert_close, make_inputs
 OPS = torch.ops.barrier_ops
 
 
-def _forward_args(case, dtype=torch.float32, requires_grad=True, noncontiguous=False, seed=0):
+CAUSAL = {True: "inclusive", False: "none", "strict": "strict"}
+
+
+def _forward_args(case, dtype=torch.float32, requires_grad=True, noncontiguous=False, seed=0,
+                  backend="fused"):
     q, k, v, coupling, mask = make_inputs(
         case, dtype, requires_grad=requires_grad, noncontiguous=noncontiguous, seed=seed
     )
-    return (q, k, v, coupling, 1.0 / case.d**0.5, case.causal, mask, case.combine_heads)
+    return (q, k, v, coupling, 1.0 / case.d**0.5, CAUSAL[case.causal], mask, case.combine_heads,
+            backend)
+
+
+def _kappa_args(case, requires_grad=True, noncontiguous=False, causal=None):
+    """kappa's own arguments: k and w one slice per query head [B, H, T, d]."""
+    q, k, _, _, mask = make_inputs(case, requires_grad=False, noncontiguous=noncontiguous)
+    k = k.repeat_interleave(case.H // case.Hkv, 1)
+    w = torch.randn(k.shape, generator=torch.Generator().manual_seed(7))
+    if noncontiguous:
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    tensors = [t.detach().requires_grad_(requires_grad) for t in (q, k, w)]
+    return (*tensors, 1.0 / case.d**0.5, causal or CAUSAL[case.causal], mask)
 
 
 OPCHECK_CASES = [GRID[0], GRID[2], GRID[3], GRID[4], GRID[5], GRID[1]]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
-@pytest.mark.parametrize("requires_grad", [True, False])
-@pytest.mark.parametrize("noncontiguous", [False, True])
-def test_opcheck_token_margins(case, requires_grad, noncontiguous):
-    args = _forward_args(case, requires_grad=requires_grad, noncontiguous=noncontiguous)
+@pytest.mark.parametrize("causal,requires_grad,noncontiguous", [
+    (None, True, False), (None, False, False), (None, True, True), ("strict", True, False)])
+def test_opcheck_kappa(case, causal, requires_grad, noncontiguous):
+    args = _kappa_args(case, requires_grad, noncontiguous, causal)
+    torch.library.opcheck(OPS.kappa.default, args)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES[:4], ids=str)
+def test_opcheck_kappa_backward(case):
+    args = _kappa_args(case, requires_grad=False)
+    kappa, lse, stats = OPS.kappa.default(*args)
+    beta = torch.randn_like(kappa)
+    torch.library.opcheck(OPS.kappa_backward.default, (beta, *args, kappa, lse, stats))
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
+@pytest.mark.parametrize("backend,requires_grad,noncontiguous", [
+    ("fused", True, False), ("fused", False, False), ("fused", True, True),
+    ("sdpa", True, False), ("sdpa", True, True)])
+def test_opcheck_token_margins(case, backend, requires_grad, noncontiguous):
+    args = _forward_args(case, requires_grad=requires_grad, noncontiguous=noncontiguous,
+                         backend=backend)
     torch.library.opcheck(OPS.token_margins.default, args)
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("requires_grad", [True, False])
-def test_opcheck_margin_barrier_loss(case, reduction, requires_grad):
-    args = _forward_args(case, requires_grad=requires_grad) + (0.05, reduction)
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("reduction,target_margin", [("mean", None), ("none", 1.1)])
+def test_opcheck_margin_barrier_loss(case, backend, reduction, target_margin):
+    args = _forward_args(case, backend=backend)
+    args = args[:8] + (0.05, target_margin, reduction, backend)
     torch.library.opcheck(OPS.margin_barrier_loss.default, args)
-
-
-@pytest.mark.parametrize("case", OPCHECK_CASES[:4], ids=str)
-def test_opcheck_token_margins_backward(case):
-    args = _forward_args(case, requires_grad=False)
-    margins, kappa, lse, stats = OPS.token_margins.default(*args)
-    beta = torch.randn_like(kappa)
-    q, k, v, coupling, scale, causal, mask, _ = args
-    torch.library.opcheck(
-        OPS.token_margins_backward.default,
-        (beta, q, k, v, coupling, scale, causal, mask, kappa, lse, stats),
-    )
 
 
 @pytest.mark.parametrize("shape", [(3, 17), (2, 4, 9), (1, 1)])
@@ -62,28 +85,33 @@ def test_fake_kernels_match_real_shapes_dtypes_and_strides():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for case in (GRID[0], GRID[5]):
-        args = _forward_args(case, requires_grad=False)
-        real = OPS.margin_barrier_loss.default(*args, 0.01, "none")
+        args = _kappa_args(case, requires_grad=False, noncontiguous=True)
+        real = OPS.kappa.default(*args)
+        beta = torch.randn_like(real[0])
+        real_bwd = OPS.kappa_backward.default(beta, *args, *real)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-            fake = OPS.margin_barrier_loss.default(*fake_args, 0.01, "none")
-        for r, f in zip(real, fake):
+            fake = OPS.kappa.default(*fake_args)
+            fake_bwd = OPS.kappa_backward.default(mode.from_tensor(beta), *fake_args, *fake)
+        for r, f in zip(real + real_bwd, fake + fake_bwd):
             assert r.shape == f.shape and r.dtype == f.dtype and r.stride() == f.stride()
 
 
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("causal", [True, "strict"])
 @pytest.mark.parametrize("case", [GRID[2], GRID[5]], ids=str)
-def test_compile_fullgraph_forward_and_backward_match_eager(case):
+def test_compile_fullgraph_forward_and_backward_match_eager(case, causal, backend):
     torch._dynamo.reset()
     q, k, v, coupling, mask = make_inputs(case)
 
     def step(q, k, v, coupling, mask):
         loss = barrier_ops.margin_barrier_loss(
-            q, k, v, coupling=coupling, key_padding_mask=mask, causal=case.causal,
-            combine_heads=case.combine_heads,
+            q, k, v, coupling=coupling, key_padding_mask=mask, causal=causal,
+            combine_heads=case.combine_heads, target_margin=1.05, backend=backend,
         )
         margins = barrier_ops.token_margins(
-            q, k, v, coupling=coupling, key_padding_mask=mask, causal=case.causal,
-            combine_heads=case.combine_heads,
+            q, k, v, coupling=coupling, key_padding_mask=mask, causal=causal,
+            combine_heads=case.combine_heads, backend=backend,
         )
         idx, val = barrier_ops.support_token_argmin(margins, mask)
         return loss + 0.1 * margins.mean(), idx, val
@@ -223,7 +251,7 @@ def test_bad_input_raises_clear_error(name, build, exc, match, fn):
         ({"reduction": "max"}, ValueError, "reduction must be one of"),
         ({"eps": 0.0}, ValueError, "eps must be a finite number > 0"),
         ({"eps": -1e-3}, ValueError, "eps must be"),
-        ({"eps": "0.1"}, TypeError, "eps must be a float"),
+        ({"eps": "0.1"}, TypeError, "eps must be a real number"),
     ],
 )
 def test_bad_loss_arguments(kwargs, exc, match):
@@ -250,18 +278,40 @@ def test_bad_argmin_arguments(args, exc, match):
 
 
 @pytest.mark.parametrize("name,build,exc,match", BAD_INPUTS[:19], ids=[b[0] for b in BAD_INPUTS[:19]])
-def test_direct_op_call_checks_in_cpp(name, build, exc, match):
+def test_direct_op_call_checks(name, build, exc, match):
     q, k, v, kwargs = build(*_good())
     with pytest.raises(exc, match=match):
         OPS.token_margins.default(
-            q, k, v, kwargs.get("coupling"), kwargs.get("scale", 0.5), True,
-            kwargs.get("key_padding_mask"), False,
+            q, k, v, kwargs.get("coupling"), kwargs.get("scale", 0.5), "inclusive",
+            kwargs.get("key_padding_mask"), False, "auto",
         )
 
 
-def test_direct_op_call_rejects_bad_reduction_and_eps():
+KAPPA_BAD = [
+    ("rank", lambda q: (q[0], q, q, {}), ValueError, "q must have 4 dimensions"),
+    ("k per query head", lambda q: (q, q[:, :2], q, {}), ValueError, "one slice per query head"),
+    ("w shape", lambda q: (q, q, q[..., :5], {}), ValueError, "one shape"),
+    ("dtype", lambda q: (q, q.double(), q, {}), TypeError, "share one dtype"),
+    ("int", lambda q: (q.long(), q.long(), q.long(), {}), TypeError, "float32, float64"),
+    ("mask", lambda q: (q, q, q, {"mask": torch.ones(2, 8)}), TypeError, "bool tensor"),
+    ("scale", lambda q: (q, q, q, {"scale": -1.0}), ValueError, "scale must be"),
+]
+
+
+@pytest.mark.parametrize("name,build,exc,match", KAPPA_BAD, ids=[b[0] for b in KAPPA_BAD])
+def test_kappa_op_checks_in_cpp(name, build, exc, match):
+    q, k, w, kw = build(torch.randn(2, 4, 8, 6))
+    with pytest.raises(exc, match=match):
+        OPS.kappa.default(q, k, w, kw.get("scale", 0.5), "inclusive", kw.get("mask"))
+
+
+def test_direct_op_call_rejects_bad_reduction_eps_target_and_backend():
     q, k, v = _good()
     with pytest.raises(ValueError, match="reduction must be one of"):
-        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, True, None, False, 0.01, "avg")
+        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, "inclusive", None, False, 0.01, None, "avg", "auto")
     with pytest.raises(ValueError, match="eps must be"):
-        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, True, None, False, 0.0, "mean")
+        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, "inclusive", None, False, 0.0, None, "mean", "auto")
+    with pytest.raises(ValueError, match="target_margin must be"):
+        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, "inclusive", None, False, 0.01, 0.001, "mean", "auto")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        OPS.margin_barrier_loss.default(q, k, v, None, 0.5, "inclusive", None, False, 0.01, None, "mean", "cudnn")
