@@ -118,21 +118,27 @@ def max_rel_error(actual, expected) -> float:
     return (actual - expected).abs().max().item() / scale
 
 
-def assert_close(actual, expected, tol, what=""):
+def assert_close(actual, expected, tol, what="", *, scale=None):
     """max|actual - expected| <= tol * max|expected|: relative to the tensor's own scale.
 
     A gradient of 1e-4 is held to the same relative accuracy as a margin of 1,
     so zeros, a sign flip or a scale error fail however small the reference is.
+    An all-zero expected tensor must be matched exactly. scale: compare relative
+    to this instead, for a tensor that is (near) zero by cancellation while the
+    problem is not, e.g. dq where every query has one allowed key, against the
+    largest gradient of the same problem; never a constant such as 1.
     """
     actual, expected = _prepare(actual, expected, what)
     if not expected.numel():
         return
     err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    bound = tol * max(scale, _ZERO_SCALE)
+    if scale is None:
+        scale = expected.abs().max().item()
+    scale = max(float(scale), _ZERO_SCALE)
+    bound = tol * scale
     assert err <= bound, (
-        f"{what}: max abs error {err:.3e} > {bound:.3e} (relative error {err / max(scale, _ZERO_SCALE):.3e} "
-        f"> tol {tol:.1e}; max|expected| {scale:.3e})"
+        f"{what}: max abs error {err:.3e} > {bound:.3e} (relative error {err / scale:.3e} "
+        f"> tol {tol:.1e}; max|expected| {expected.abs().max().item():.3e}, scale {scale:.3e})"
     )
 
 

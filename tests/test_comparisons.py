@@ -157,3 +157,19 @@ def test_structural_failures():
         assert_close(loss * 1.01, loss.double(), 1e-3, "loss")
     with pytest.raises(AssertionError, match="at \\(\\)"):
         assert_close_per_position(loss * 1.01, loss.double(), 1e-3, "loss")
+
+
+def test_explicit_scale_for_a_reference_that_is_zero_by_cancellation():
+    # dq is exactly 0 in float64 where each query has one allowed key (alpha = 1); a float32
+    # kernel returns rounding noise. Without a scale an all-zero reference is matched exactly.
+    e = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    noise = torch.full_like(e, 3e-8)
+    with pytest.raises(AssertionError):
+        assert_close(noise, e, 1e-3, "dq")
+    assert_close(noise, e, 1e-3, "dq", scale=1e-2)  # relative to the problem's largest gradient
+    with pytest.raises(AssertionError):
+        assert_close(noise + 1e-5, e, 1e-3, "dq", scale=1e-2)  # an error at 1e-3 of that scale fails
+    # scale replaces the tensor's own: a smaller one is stricter.
+    x = _expected(1e-4, (3, 4))
+    with pytest.raises(AssertionError):
+        assert_close(_noisy(x, 0.5e-3), x, 1e-3, scale=1e-6)
