@@ -65,6 +65,9 @@ def attach(
     coupling: str = "identity",
     combine_heads: bool = False,
     eps: float = 1e-2,
+    target_margin: Optional[float] = None,
+    causal: Optional[Union[bool, str]] = None,
+    backend: str = "auto",
     track_stats: bool = True,
 ) -> BarrierHandle:
     """Add ``weight * mean_over_layers(margin barrier)`` to the loss ``model`` returns.
@@ -90,6 +93,14 @@ def attach(
         combine_heads: barrier on the layer margin ``1 - sum_h kappa_h`` instead
             of per-head margins.
         eps: where the barrier turns from ``-log m`` to its quadratic extension.
+        target_margin: ``None`` for the paper's barrier ``-log m``, or a target
+            ``m0 > eps`` that makes it a hinge (margins at or above ``m0`` cost
+            nothing; see :func:`barrier_ops.margin_barrier_loss`).
+        causal: ``None`` (default) takes each layer's own causality; ``"strict"``
+            computes margins for strictly-past attention (``s < t``, the paper's
+            setting); ``True``/``False`` force ``s <= t`` / all keys.
+        backend: where the O(T^2) work runs: ``"auto"``, ``"fused"`` or ``"sdpa"``
+            (:mod:`barrier_ops.backends`).
         track_stats: keep per-layer margin statistics of every forward in
             ``handle.stats`` (a few small reductions per layer).
 
@@ -107,7 +118,9 @@ def attach(
         ValueError: already attached, no attention layer found, bad option.
         TypeError: an option of the wrong type.
     """
-    eps = check_options(weight, coupling, combine_heads, eps)
+    weight, eps, target_margin = check_options(
+        weight, coupling, combine_heads, eps, target_margin, causal, backend
+    )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
@@ -115,7 +128,8 @@ def attach(
         raise ValueError("barrier_ops.attach: the model already has a barrier attached; call detach(model) first")
     kind = "hf" if _is_hf(model) else "nanogpt"
     handle = BarrierHandle(
-        model, weight=float(weight), coupling=coupling, combine_heads=combine_heads, eps=eps,
+        model, weight=weight, coupling=coupling, combine_heads=combine_heads, eps=eps,
+        target_margin=target_margin, causal=causal, backend=backend,
         track_stats=bool(track_stats), kind=kind,
     )
     if kind == "hf":

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _checks
-from ..ops import barrier_and_margins, support_token_argmin
+from ..backends import BACKEND_NAMES
+from ..ops import barrier_and_margins, support_token_argmin, valid_positions
 
 COUPLINGS = ("identity", "weights")
 HANDLE_ATTR = "_barrier_ops_handle"
@@ -140,12 +141,18 @@ class BarrierHandle:
         eps: float,
         track_stats: bool,
         kind: str,
+        target_margin: Optional[float] = None,
+        causal: Optional[Union[bool, str]] = None,
+        backend: str = "auto",
     ):
         self.model = model
         self.weight = weight
         self.coupling = coupling
         self.combine_heads = combine_heads
         self.eps = eps
+        self.target_margin = target_margin
+        self.causal = causal  # None: each layer's own
+        self.backend = backend
         self.track_stats = track_stats
         self.kind = kind
         self.enabled = True
@@ -197,10 +204,13 @@ class BarrierHandle:
             )
         coupling = None if layer.coupling_fn is None else layer.coupling_fn(q.shape[1], q.dtype)
         reduction = "mean" if self._num_items is None else "sum"
+        if self.causal is not None:
+            causal = self.causal
         barrier, margins = barrier_and_margins(
             q, k, v,
             coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-            combine_heads=self.combine_heads, eps=self.eps, reduction=reduction,
+            combine_heads=self.combine_heads, eps=self.eps, target_margin=self.target_margin,
+            reduction=reduction, backend=self.backend,
         )
         # Recomputation under activation checkpointing calls the layer again after
         # the hook has run: the op must run again (the checkpoint replays the same
@@ -211,7 +221,7 @@ class BarrierHandle:
             barrier = barrier / self._num_items
         self._penalties.append(barrier)
         if self.track_stats:
-            self._layer_stats.append(_layer_stats(layer.name, barrier, margins, key_padding_mask))
+            self._layer_stats.append(_layer_stats(layer.name, barrier, margins, key_padding_mask, causal))
 
     def _finish(self) -> Optional[torch.Tensor]:
         """Close the window; return ``weight * mean_over_layers(penalty)`` or None."""
@@ -240,33 +250,39 @@ class BarrierHandle:
     def __repr__(self) -> str:
         return (
             f"BarrierHandle(kind={self.kind!r}, weight={self.weight}, coupling={self.coupling!r}, "
-            f"combine_heads={self.combine_heads}, eps={self.eps}, layers={len(self.layer_names)})"
+            f"combine_heads={self.combine_heads}, eps={self.eps}, target_margin={self.target_margin}, "
+            f"causal={self.causal}, backend={self.backend!r}, layers={len(self.layer_names)})"
         )
 
 
-def _layer_stats(name, barrier, margins, key_padding_mask) -> LayerStats:
+def _layer_stats(name, barrier, margins, key_padding_mask, causal) -> LayerStats:
     m = margins.detach()
-    if key_padding_mask is None:
-        valid = torch.ones_like(m, dtype=torch.bool)
-    else:
-        valid = key_padding_mask if m.dim() == 2 else key_padding_mask.unsqueeze(1).expand_as(m)
+    positions = valid_positions(
+        m.shape[0], m.shape[-1], _checks.check_causal(causal), key_padding_mask, m.device
+    )
+    valid = positions if m.dim() == 2 else positions.unsqueeze(1).expand_as(m)
     count = valid.sum().clamp(min=1).to(m.dtype)
     mean = torch.where(valid, m, torch.zeros_like(m)).sum() / count
     low = torch.where(valid, m, torch.full_like(m, math.inf)).amin()
-    index, value = support_token_argmin(m, key_padding_mask)
+    # Strict causality leaves position 0 (and tokens with no real key before them) without a margin.
+    index, value = support_token_argmin(m, positions)
     return LayerStats(name, barrier.detach(), mean, low, index, value)
 
 
-def check_options(weight, coupling, combine_heads, eps) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"weight must be a float, got {type(weight).__name__}")
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+def check_options(weight, coupling, combine_heads, eps, target_margin=None, causal=None,
+                  backend="auto") -> Tuple[float, float, Optional[float]]:
+    """Validated (weight, eps, target_margin) of attach; raises on any bad option."""
+    weight = _checks.check_weight(weight)
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be 'identity' or 'weights', got {coupling!r}")
     if not isinstance(combine_heads, bool):
         raise TypeError(f"combine_heads must be a bool, got {type(combine_heads).__name__}")
-    return _checks.check_eps(eps)
+    eps = _checks.check_eps(eps)
+    if causal is not None:
+        _checks.check_causal(causal)
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    return weight, eps, _checks.check_target_margin(target_margin, eps)
 
 
 def select_layers(candidates: Sequence[tuple], layers) -> List[tuple]:

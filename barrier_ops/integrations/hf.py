@@ -16,6 +16,7 @@ transformers model is attached.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -170,6 +171,16 @@ def _add_term(output, term, args, kwargs):
 
 def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
     chosen = select_layers(find_layers(model), layers)
+    softcap = {getattr(attn.config, "attn_logit_softcapping", None) for _, attn in chosen} - {None}
+    if softcap:
+        # The margins are those of the uncapped logits c <q, k>; with cap * tanh(z / cap)
+        # they differ where |z| nears the cap (Gemma2 uses 50).
+        warnings.warn(
+            f"barrier_ops.attach: this model caps its attention logits (attn_logit_softcapping="
+            f"{sorted(softcap)}); the barrier's margins are computed from the uncapped logits, "
+            "which match the layer only where the logits stay well below the cap",
+            stacklevel=3,
+        )
     # Switch every config the chosen layers read (a ForCausalLM shares one with its base model).
     configs = {}
     for name, attn in chosen:
