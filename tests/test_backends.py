@@ -377,3 +377,17 @@ def test_float16_output_gradient_rescaling_keeps_tiny_gradients():
             torch.testing.assert_close(gx, torch.full_like(x, 3e-9), rtol=1e-3, atol=0)
         else:
             assert (gx == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_layout_reaches_the_cpu_flash_kernel(dtype, masked):
+    # Which kernel runs is part of the result: with V' wider than q, SDPA on CPU
+    # silently takes its T x T math path. SDPBackend: 0 math, 1 flash.
+    d, T = 64, 128
+    qk, vw = _sdpa.value_layout(torch.device("cpu"), d, masked)
+    q = torch.randn(2, 4, T, qk, dtype=dtype)
+    v = torch.randn(2, 4, T, vw, dtype=dtype)
+    assert torch._fused_sdp_choice(q, q, v, is_causal=True) == 1
+    assert torch._fused_sdp_choice(q, q, torch.randn(2, 4, T, vw + 8, dtype=dtype),
+                                   is_causal=True) == 0
