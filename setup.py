@@ -5,7 +5,8 @@ build of torch are present, with or without a GPU. Switches:
 
     BARRIER_OPS_CUDA=auto|1|0   auto (default) builds CUDA when possible;
                                 1 requires it (fails if impossible); 0 skips it.
-    TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" (Ampere and Hopper).
+    TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0+PTX" (Ampere, Hopper, and PTX
+                                that newer GPUs compile at load time).
     MAX_JOBS                    parallel compile jobs (ninja).
     BARRIER_OPS_DEBUG=1         -O0 -g builds for debugging.
 """
@@ -63,7 +64,7 @@ def _extension():
     extra = {"cxx": opt + openmp + ["-fopenmp-simd", "-fdiagnostics-color=always"]}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         extra["cxx"].append("-DBARRIER_OPS_WITH_CUDA")
