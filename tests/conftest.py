@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_comparisons.py runs the guard below in a nested session
+
 # ---------------------------------------------------------------------------
 # Hypothesis: derandomized by default, so a run's examples are a function of the
 # test's source (and the Hypothesis version) and CI failures reproduce locally.

@@ -6,10 +6,13 @@ error, an error confined to a few entries) at the scales the op tests see:
 margins and losses O(1), gradients of a mean-reduced loss 1e-6..1e-2.
 An absolute floor (the old bound: tol * max(1, max|expected|)) let an
 all-zero gradient pass; the bounds are now relative to each tensor's scale.
-Needs only torch (not the compiled ops).
+Also checks the suite's guard against global torch state leaking between
+tests (tests/conftest.py). Needs only torch (not the compiled ops).
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import pytest
 import torch
@@ -173,3 +176,43 @@ def test_explicit_scale_for_a_reference_that_is_zero_by_cancellation():
     x = _expected(1e-4, (3, 4))
     with pytest.raises(AssertionError):
         assert_close(_noisy(x, 0.5e-3), x, 1e-3, scale=1e-6)
+
+
+def test_conftest_guard_reports_and_restores_leaked_torch_state(pytester):
+    pytester.makeconftest((pathlib.Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(
+        """
+        import pytest, torch
+
+        @pytest.fixture
+        def restored_threads():
+            before = torch.get_num_threads()
+            torch.set_num_threads(1 if before != 1 else 2)
+            yield
+            torch.set_num_threads(before)
+
+        def test_threads():
+            torch.set_num_threads(1 if torch.get_num_threads() != 1 else 2)
+
+        def test_dtype():
+            torch.set_default_dtype(torch.float64)
+
+        def test_grad_mode():
+            torch.set_grad_enabled(False)
+
+        def test_after_the_leaks_state_is_back():
+            assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()
+
+        def test_fixture_that_restores(restored_threads):
+            pass
+        """
+    )
+    before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5, errors=3)
+    result.stdout.fnmatch_lines([
+        "*test_threads changed global torch state*torch.get_num_threads()*",
+        "*test_dtype changed global torch state*torch.get_default_dtype(): torch.float32 -> torch.float64*",
+        "*test_grad_mode changed global torch state*torch.is_grad_enabled(): True -> False*",
+    ])
+    assert (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()) == before
