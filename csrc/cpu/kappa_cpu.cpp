@@ -254,15 +254,37 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
 
 }  // namespace
 
+namespace {
+
+// What both CPU cores start from: the shapes, q in the accumulation dtype and
+// the keys packed per head as [k | w | g].
+struct CpuOperands {
+  explicit CpuOperands(const KappaProblem& problem)
+      : B(problem.B()), H(problem.H()), T(problem.T()), d(problem.d()), width(2 * d + 1),
+        scale(problem.scale), causal(problem.causal),
+        acc(accumulation_dtype(problem.q.scalar_type())),
+        opts(problem.q.options().dtype(acc)),
+        q(problem.q.to(acc).contiguous()),
+        packed(pack_keys(problem.k, problem.w)) {}
+  const int64_t B, H, T, d, width;
+  const double scale;
+  const CausalMode causal;
+  const at::ScalarType acc;
+  const at::TensorOptions opts;
+  const at::Tensor q, packed;
+};
+
+}  // namespace
+
 KappaState kappa_forward_cpu(const KappaProblem& problem) {
-  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
-  const double scale = problem.scale;
-  const CausalMode causal = problem.causal;
-  const int64_t width = 2 * d + 1;
-  const auto acc = accumulation_dtype(problem.q.scalar_type());
-  const auto opts = problem.q.options().dtype(acc);
-  const at::Tensor q_a = problem.q.to(acc).contiguous();
-  const at::Tensor packed = pack_keys(problem.k, problem.w);
+  const CpuOperands ops(problem);
+  const int64_t B = ops.B, H = ops.H, T = ops.T, d = ops.d, width = ops.width;
+  const double scale = ops.scale;
+  const CausalMode causal = ops.causal;
+  const auto acc = ops.acc;
+  const auto opts = ops.opts;
+  const at::Tensor& q_a = ops.q;
+  const at::Tensor& packed = ops.packed;
   at::Tensor kappa = at::zeros({B, H, T}, opts);
   at::Tensor lse = at::full({B, H, T}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor stats = at::zeros({B, H, T, 2 * d}, opts);
@@ -417,14 +439,14 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaProblem& problem,
                                                                   const at::Tensor& grad_kappa,
                                                                   const KappaState& state) {
-  const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
-  const double scale = problem.scale;
-  const CausalMode causal = problem.causal;
-  const int64_t width = 2 * d + 1;
-  const auto acc = accumulation_dtype(problem.q.scalar_type());
-  const auto opts = problem.q.options().dtype(acc);
-  const at::Tensor q_a = problem.q.to(acc).contiguous();
-  const at::Tensor packed = pack_keys(problem.k, problem.w);
+  const CpuOperands ops(problem);
+  const int64_t B = ops.B, H = ops.H, T = ops.T, d = ops.d, width = ops.width;
+  const double scale = ops.scale;
+  const CausalMode causal = ops.causal;
+  const auto acc = ops.acc;
+  const auto opts = ops.opts;
+  const at::Tensor& q_a = ops.q;
+  const at::Tensor& packed = ops.packed;
   const at::Tensor g = packed.select(-1, 2 * d).contiguous();  // [B, H, T]: g_s read per key
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
   const at::Tensor kappa_c = state.kappa.contiguous(), lse_c = state.lse.contiguous();
