@@ -1,0 +1,947 @@
+"""GPU check (issue #12): validate, measure and pick the CUDA backend, in one run.
+
+Run through ``bash benchmarks/gpu_check.sh [OUTDIR]`` (which builds the
+extension and runs the CUDA tests first), or directly once the extension is
+built:
+
+    python benchmarks/gpu_check.py --outdir runs/gpu_check            # CUDA, full
+    python benchmarks/gpu_check.py --smoke --device cpu --outdir DIR   # tiny CPU run (CI)
+
+Four parts, ordered so that the most important rows run first and a global
+time budget (``--budget-s``) skips the rest rather than overrunning:
+
+1. parity: ``backend="fused"`` and ``"sdpa"`` against the float64 reference
+   (where T x T fits, T <= ``--ref-max-t``), and against each other beyond
+   that; fp32/bf16/fp16, d = 64/128, T from 1 to 16384, GQA, right and left
+   padding, every coupling form (none, scalar [H], matrix [H, d, dv]), keys
+   and values with a mean of 3-10x their std, strict causality, at the
+   barrier's real gradient scale (``loss = 0.02 * margin_barrier_loss(mean)``
+   as one slice of a batch of 262144 tokens; float16 under GradScaler's 2^16).
+   Max relative error (max|x - ref| / max|ref|) of the margins and of every
+   gradient, pass/fail against per-dtype tolerances. Every row catches its
+   own exceptions.
+2. speed and memory (bf16, B=4, H=16, d = 64/128, T = 1k..16k): forward and
+   forward+backward time (CUDA events, warm-up, median of reps) and peak
+   memory of fused, sdpa, plain SDPA attention fwd+bwd (the yardstick), the
+   eager and the torch.compile'd reference; each row's ratio to the
+   yardstick; the SDPA kernel PyTorch picks for the sdpa backend's widened
+   q', k', V' (``torch._fused_sdp_choice``) and for the yardstick.
+3. end to end: GPT-2 small (124M, from GPT2Config(), no download), bf16
+   autocast, T = 1024, AdamW step time without and with
+   ``barrier_ops.attach(model, weight=0.02)`` for each backend.
+4. report: OUTDIR/report.json and OUTDIR/report.md (rewritten after every
+   row, so an interrupted run still leaves one), with a "recommended auto
+   backend" line: per shape class, the fastest backend among those that
+   passed every parity row. It recommends only; it edits nothing.
+
+The timing helpers (:func:`time_ms`, :func:`measure`, :func:`speed_callables`)
+are also what benchmarks/bench_cuda.py times with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("fused", "sdpa")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Relative tolerances (max error / max|reference|) for margins and gradients,
+# those of tests/test_cuda.py (CUDA_VALUE_TOL / CUDA_GRAD_TOL): the CUDA
+# tensor-core paths round softmax weights and gradient operands to 16 bits.
+TOL = {
+    "fp32": {"margin": 5e-4, "grad": 2e-3},
+    "bf16": {"margin": 5e-2, "grad": 1e-1},
+    "fp16": {"margin": 1e-2, "grad": 3e-2},
+}
+# Two kernels against each other (no reference): each may be off by its tolerance.
+CROSS_FACTOR = 2.0
+
+REAL_BATCH_TOKENS = 262_144  # B * H * T of the batch whose gradient scale the rows emulate
+BARRIER_WEIGHT = 0.02
+FP16_LOSS_SCALE = 2.0**16  # GradScaler's initial scale
+
+SPEED_IMPLS = ("fused", "sdpa", "attention", "eager_reference", "compiled_reference")
+YARDSTICK = "attention"
+
+
+# ---------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------
+
+
+def _finite_or_str(x):
+    """JSON-safe floats: NaN/inf become strings (json.dumps would write bare NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite_or_str(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_str(v) for v in x]
+    return x
+
+
+def _short_error(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| (NaN if actual is not finite)."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64).to(a.device)
+    if a.shape != e.shape:
+        raise ValueError(f"shape {tuple(a.shape)} != {tuple(e.shape)}")
+    if not e.numel():
+        return 0.0
+    if not torch.isfinite(a).all():
+        return float("nan")
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    if scale == 0.0:
+        return 0.0 if err == 0.0 else float("inf")
+    return err / scale
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sdpa_kernel_name(q, k, v, is_causal: bool = True) -> str:
+    """The SDPA kernel PyTorch picks for these tensors (torch._fused_sdp_choice)."""
+    from torch.nn.attention import SDPBackend
+
+    choice = torch._fused_sdp_choice(q, k, v, is_causal=is_causal)
+    try:
+        return SDPBackend(choice).name
+    except (ValueError, TypeError):
+        return f"SDPBackend({choice})"
+
+
+def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=True) -> str:
+    """Kernel for the sdpa backend's q', k' (width d [+1], padded) and V' (width 2d+1, padded).
+
+    Shapes from barrier_ops._sdpa.value_layout, the layout _attention_form builds.
+    """
+    from barrier_ops._sdpa import value_layout
+
+    qk_w, v_w = value_layout(device, d, masked)
+    make = lambda w: torch.empty(B, H, T, w, device=device, dtype=dtype,  # noqa: E731
+                                 requires_grad=requires_grad)
+    return sdpa_kernel_name(make(qk_w), make(qk_w), make(v_w), is_causal=True)
+
+
+# ---------------------------------------------------------------------------
+# Timing: one implementation, shared with benchmarks/bench_cuda.py
+# ---------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> Tuple[float, List[float]]:
+    """(median, samples) of fn's time in ms: CUDA events on CUDA, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), samples
+
+
+def measure(fwd: Callable[[], None], fwd_bwd: Callable[[], None], device: torch.device,
+            warmup: int, reps: int) -> Dict:
+    """fwd_ms, fwd_bwd_ms (medians) and peak_mib: the allocator's peak during one
+    forward+backward above what was allocated before it (CUDA only; None elsewhere)."""
+    row = {}
+    row["fwd_ms"], _ = time_ms(fwd, device, warmup, reps)
+    row["fwd_bwd_ms"], samples = time_ms(fwd_bwd, device, warmup, reps)
+    row["fwd_bwd_ms_range"] = [min(samples), max(samples)]
+    row["peak_mib"] = None
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fwd_bwd()
+        sync(device)
+        row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return row
+
+
+_COMPILED = {}
+
+
+def _compiled_reference():
+    if "ref" not in _COMPILED:
+        from barrier_ops import reference
+
+        _COMPILED["ref"] = torch.compile(reference.margin_barrier_loss_reference, dynamic=False)
+    return _COMPILED["ref"]
+
+
+def speed_callables(impl: str, q, k, v, grad_out=None):
+    """(fwd, fwd_bwd) closures for one implementation on (q, k, v), which require grad.
+
+    impl: "fused" / "sdpa" (barrier_ops.margin_barrier_loss with that backend),
+    "attention" (F.scaled_dot_product_attention(q, k, v, is_causal=True) with
+    PyTorch's own kernel choice: the yardstick), "attention_flash" (the same,
+    FlashAttention forced), "eager_reference", "compiled_reference".
+    """
+    import barrier_ops
+    from barrier_ops import reference
+
+    if impl in ("attention", "attention_flash"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        grad_out = torch.randn_like(q) if grad_out is None else grad_out
+
+        def attention():
+            if impl == "attention_flash":
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def fwd():
+            with torch.no_grad():
+                attention()
+
+        def fwd_bwd():
+            torch.autograd.grad(attention(), (q, k, v), grad_out)
+
+        return fwd, fwd_bwd
+
+    if impl in BACKENDS:
+        def loss_fn(q, k, v):
+            return barrier_ops.margin_barrier_loss(q, k, v, backend=impl)
+    elif impl == "eager_reference":
+        loss_fn = reference.margin_barrier_loss_reference
+    elif impl == "compiled_reference":
+        loss_fn = _compiled_reference()
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+
+    def fwd():
+        with torch.no_grad():
+            loss_fn(q, k, v)
+
+    def fwd_bwd():
+        torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
+
+    return fwd, fwd_bwd
+
+
+def reference_bytes(B: int, H: int, T: int) -> int:
+    """Rough peak of the materialised reference's fwd+bwd: ~8 float32 T x T tensors per (b, h)."""
+    return 8 * 4 * B * H * T * T
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+# ---------------------------------------------------------------------------
+# Parity
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ParityCase:
+    T: int
+    d: int
+    B: int = 2
+    H: int = 4
+    Hkv: int = 2
+    coupling: str = "none"  # none | scalar | matrix
+    mask: str = "none"  # none | right | left
+    mean: float = 0.0  # keys and values: mean x std
+    causal: object = True
+
+    @property
+    def name(self) -> str:
+        parts = [f"B{self.B} H{self.H}/{self.Hkv} T{self.T} d{self.d}", f"A={self.coupling}"]
+        if self.mask != "none":
+            parts.append(f"{self.mask}-pad")
+        if self.mean:
+            parts.append(f"mean {self.mean:g}std")
+        if self.causal == "strict":
+            parts.append("strict")
+        return " ".join(parts)
+
+
+def parity_inputs(case: ParityCase, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """q, k, v, coupling (leaves in dtype on device) and the bool mask [B, T] (or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv, T, d = case.B, case.H, case.Hkv, case.T, case.d
+
+    def rand(*shape, scale=1.0, mean=0.0):
+        return mean + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q = rand(B, H, T, d)
+    k = rand(B, Hkv, T, d, mean=case.mean)
+    v = rand(B, Hkv, T, d, mean=case.mean)
+    coupling = None
+    if case.coupling == "scalar":
+        coupling = rand(H, scale=0.3)
+    elif case.coupling == "matrix":
+        coupling = rand(H, d, d, scale=0.3 / math.sqrt(d))
+    mask = None
+    if case.mask != "none":
+        mask = torch.ones(B, T, dtype=torch.bool)
+        pad = max(1, T // 4) if T > 1 else 0
+        # Sequence 0 is full; the others are padded, the last one by more.
+        for b in range(1, B):
+            n = min(T - 1, pad * b) if T > 1 else 0
+            if n <= 0:
+                continue
+            if case.mask == "right":
+                mask[b, T - n:] = False
+            else:
+                mask[b, :n] = False
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    if coupling is not None:
+        coupling = coupling.to(device=device, dtype=dtype).requires_grad_()
+    return (*tensors, coupling, None if mask is None else mask.to(device))
+
+
+def _barrier_weight(case: ParityCase, mask, dtype) -> Tuple[float, float]:
+    """(weight, loss_scale): loss = weight * mean barrier gives each token the gradient
+    BARRIER_WEIGHT / REAL_BATCH_TOKENS (times the fp16 loss scale), as in a real batch."""
+    valid_tokens = case.B * case.T if mask is None else int(mask.sum())
+    if case.causal == "strict":
+        valid_tokens = max(valid_tokens - case.B, 1)  # position 0 has no key (approximately)
+    loss_scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+    return loss_scale * BARRIER_WEIGHT * valid_tokens * case.H / REAL_BATCH_TOKENS, loss_scale
+
+
+def _evaluate(fn_margins, fn_loss, q, k, v, coupling, weight):
+    """(margins, {grad name: tensor}) of one implementation."""
+    inputs = {"q": q, "k": k, "v": v}
+    if coupling is not None:
+        inputs["coupling"] = coupling
+    with torch.no_grad():
+        margins = fn_margins(q, k, v, coupling)
+    loss = weight * fn_loss(q, k, v, coupling)
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return margins.detach(), {f"d{n}": g.detach() for n, g in zip(inputs, grads)}
+
+
+def parity_case(case: ParityCase, dtype_name: str, device: torch.device, ref_max_t: int) -> List[Dict]:
+    """Rows (one per backend) for one case; exceptions recorded per backend."""
+    import barrier_ops
+    from barrier_ops import reference
+
+    dtype = DTYPES[dtype_name]
+    t0 = time.monotonic()
+    q, k, v, coupling, mask = parity_inputs(case, dtype, device)
+    weight, loss_scale = _barrier_weight(case, mask, dtype)
+    kw = dict(causal=case.causal, key_padding_mask=mask)
+    base = {"case": case.name, **asdict(case), "causal": str(case.causal), "dtype": dtype_name,
+            "loss_weight": weight, "loss_scale": loss_scale,
+            "tol_margin": TOL[dtype_name]["margin"], "tol_grad": TOL[dtype_name]["grad"]}
+
+    results, errors = {}, {}
+    for backend in BACKENDS:
+        try:
+            results[backend] = _evaluate(
+                lambda q, k, v, c: barrier_ops.token_margins(q, k, v, coupling=c, backend=backend, **kw),
+                lambda q, k, v, c: barrier_ops.margin_barrier_loss(q, k, v, coupling=c, backend=backend, **kw),
+                q, k, v, coupling, weight)
+        except Exception as exc:  # one failing backend must not stop the other or the run
+            errors[backend] = _short_error(exc)
+        empty_cache(device)
+
+    expected, compared_to, ref_error = None, None, None
+    if case.T <= ref_max_t:
+        compared_to = "reference"
+        try:
+            up = [None if t is None else t.detach().to(torch.float64).requires_grad_() for t in (q, k, v, coupling)]
+            expected = _evaluate(
+                lambda q, k, v, c: reference.token_margins_reference(q, k, v, coupling=c, **kw),
+                lambda q, k, v, c: reference.margin_barrier_loss_reference(q, k, v, coupling=c, **kw),
+                *up, weight)
+        except Exception as exc:
+            ref_error = "reference: " + _short_error(exc)
+        empty_cache(device)
+
+    rows = []
+    for backend in BACKENDS:
+        row = dict(base, backend=backend)
+        other = [b for b in BACKENDS if b != backend][0]
+        if backend in errors:
+            row.update(passed=False, error=errors[backend])
+        elif ref_error:
+            row.update(passed=False, error=ref_error, compared_to="reference")
+        else:
+            if expected is not None:
+                want, row["compared_to"], factor = expected, compared_to, 1.0
+            elif other in results:
+                want, row["compared_to"], factor = results[other], other, CROSS_FACTOR
+            else:
+                row.update(passed=False, error=f"no reference (T > {ref_max_t}) and {other} failed")
+                rows.append(row)
+                continue
+            got = results[backend]
+            row["margin_rel_err"] = max_rel_error(got[0], want[0])
+            row["grad_rel_err"] = {n: max_rel_error(g, want[1][n]) for n, g in got[1].items()}
+            row["max_grad_rel_err"] = max(row["grad_rel_err"].values())
+            row["underflow"] = sorted(n for n, g in got[1].items()
+                                      if not (g != 0).any().item() and (want[1][n] != 0).any().item())
+            ok_m = row["margin_rel_err"] <= factor * row["tol_margin"]
+            ok_g = all(e <= factor * row["tol_grad"] for e in row["grad_rel_err"].values())
+            row["passed"] = bool(ok_m and ok_g and not row["underflow"])
+            row["tol_factor"] = factor
+        rows.append(row)
+    for row in rows:
+        row["seconds"] = time.monotonic() - t0
+    return rows
+
+
+def parity_cases(device: torch.device, smoke: bool) -> Tuple[List[Tuple[ParityCase, str]], List[Tuple[ParityCase, str]]]:
+    """(cases with a reference, long cases checked fused vs sdpa), as (case, dtype) pairs."""
+    if smoke:
+        dims, dtypes, long_T = (8, 16), ("fp32", "bf16"), 96
+        shapes = [
+            dict(T=1, B=2, H=2, Hkv=2),
+            dict(T=17, coupling="scalar", mask="right"),
+            dict(T=33, Hkv=1, coupling="matrix", mask="left", mean=3.0),
+            dict(T=24, Hkv=4, mean=10.0, causal="strict"),
+            dict(T=48, mask="right", mean=3.0),
+        ]
+    else:
+        dims, dtypes, long_T = (64, 128), ("fp32", "bf16", "fp16"), 16384
+        shapes = [
+            dict(T=1, B=2, H=4, Hkv=4),
+            dict(T=257, coupling="scalar", mask="right"),
+            dict(T=1024, Hkv=1, coupling="matrix", mask="left", mean=3.0),
+            dict(T=1024, Hkv=4, mean=10.0, causal="strict"),
+            dict(T=4096, mask="right", mean=3.0),
+            dict(T=4096, coupling="matrix", mean=10.0),
+        ]
+    with_ref = [(ParityCase(d=d, **s), dt) for s in shapes for dt in dtypes for d in dims]
+    long_rows = [(ParityCase(T=long_T, d=d, B=1, H=2, Hkv=1, mask="left", mean=3.0), dt)
+                 for dt in dtypes for d in dims]
+    return with_ref, long_rows
+
+
+# ---------------------------------------------------------------------------
+# Speed and memory
+# ---------------------------------------------------------------------------
+
+
+def speed_row(impl: str, B: int, H: int, T: int, d: int, dtype: torch.dtype, device: torch.device,
+              warmup: int, reps: int) -> Dict:
+    row = {"impl": impl, "B": B, "H": H, "T": T, "d": d, "dtype": str(dtype).replace("torch.", "")}
+    t0 = time.monotonic()
+    q = k = v = None
+    try:
+        if impl in ("eager_reference", "compiled_reference"):
+            free = free_bytes(device)
+            need = reference_bytes(B, H, T)
+            if free is not None and need > 0.9 * free:
+                row["status"] = f"skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+                return row
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+                   for _ in range(3))
+        fwd, fwd_bwd = speed_callables(impl, q, k, v)
+        row.update(measure(fwd, fwd_bwd, device, warmup, reps))
+        if impl == "sdpa":
+            row["sdpa_kernel"] = sdpa_backend_kernel(device, dtype, B, H, T, d)
+        elif impl == "attention":
+            row["sdpa_kernel"] = sdpa_kernel_name(q, k, v, is_causal=True)
+        row["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as exc:  # a failing implementation must not hide the others
+        row["status"] = "error: " + _short_error(exc)
+    finally:
+        q = k = v = None
+        empty_cache(device)
+        row["seconds"] = time.monotonic() - t0
+    return row
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Each ok row's fwd and fwd+bwd time over the yardstick's at its shape."""
+    yard = {(r["T"], r["d"]): r for r in rows if r["impl"] == YARDSTICK and r.get("status") == "ok"}
+    for r in rows:
+        y = yard.get((r["T"], r["d"]))
+        if r.get("status") == "ok" and y:
+            r["fwd_ratio_to_yardstick"] = r["fwd_ms"] / y["fwd_ms"]
+            r["fwd_bwd_ratio_to_yardstick"] = r["fwd_bwd_ms"] / y["fwd_bwd_ms"]
+
+
+# ---------------------------------------------------------------------------
+# End to end: GPT-2 training step with and without the barrier
+# ---------------------------------------------------------------------------
+
+
+def gpt2_model(device: torch.device, smoke: bool, T: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if smoke:
+        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=T, vocab_size=128)
+    else:
+        cfg = GPT2Config()  # GPT-2 small, 124M parameters
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").to(device)
+    model.train()
+    return model
+
+
+def e2e_rows(device: torch.device, smoke: bool, batch: int, T: int, warmup: int, reps: int,
+             deadline: float) -> List[Dict]:
+    import barrier_ops
+
+    use_bf16 = not smoke or device.type == "cuda"
+    model = gpt2_model(device, smoke, T)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (batch, T), generator=gen).to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    accepts_backend = "backend" in inspect.signature(barrier_ops.attach).parameters
+    variants = [("none", None)] + ([(f"attach {b}", b) for b in BACKENDS] if accepts_backend
+                                   else [("attach (default backend)", "default")])
+    base = {"model": "gpt2-small" if not smoke else "gpt2-tiny", "params": n_params, "batch": batch,
+            "T": T, "autocast": "bf16" if use_bf16 else "off", "weight": BARRIER_WEIGHT}
+    rows = [dict(base, variant=name, backend=backend) for name, backend in variants]
+
+    def attached(backend):
+        if backend is not None:
+            barrier_ops.attach(model, weight=BARRIER_WEIGHT,
+                               **({} if backend == "default" else {"backend": backend}))
+
+    def detached(backend):
+        if backend is not None and barrier_ops.get_handle(model) is not None:
+            barrier_ops.detach(model)
+
+    # Warm-up per variant (lazy optimizer state, autotuning, first-call costs),
+    # then the variants take turns within each repeat, so a slow phase of a
+    # shared machine hits all of them. attach/detach sit outside the timed step.
+    live = []
+    for row in rows:
+        if time.monotonic() > deadline:
+            row["status"] = "skipped: budget"
+            continue
+        try:
+            attached(row["backend"])
+            try:
+                for _ in range(warmup):
+                    step()
+                sync(device)
+            finally:
+                detached(row["backend"])
+            row["status"], row["_samples"] = "ok", []
+            live.append(row)
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as exc:  # one failing variant must not stop the others
+            row["status"] = "error: " + _short_error(exc)
+        opt.zero_grad(set_to_none=True)
+        empty_cache(device)
+    for _ in range(reps):
+        for row in live:
+            if row["status"] != "ok":
+                continue
+            try:
+                attached(row["backend"])
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    row["_samples"].append(time_ms(step, device, 0, 1)[0])
+                    if device.type == "cuda":
+                        row["peak_mib"] = max(row.get("peak_mib") or 0.0,
+                                              torch.cuda.max_memory_allocated(device) / 2**20)
+                finally:
+                    detached(row["backend"])
+            except Exception as exc:
+                row["status"] = "error: " + _short_error(exc)
+                opt.zero_grad(set_to_none=True)
+    for row in rows:
+        samples = row.pop("_samples", None)
+        if row.get("status") == "ok" and samples:
+            row["step_ms"] = statistics.median(samples)
+            row["step_ms_range"] = [min(samples), max(samples)]
+    baseline = rows[0].get("step_ms")
+    for r in rows[1:]:
+        if baseline and r.get("status") == "ok":
+            r["overhead_pct"] = 100.0 * (r["step_ms"] / baseline - 1.0)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Recommendation and report
+# ---------------------------------------------------------------------------
+
+
+def shape_class(T: int, d: int) -> str:
+    return f"d={d} T<=2048" if T <= 2048 else f"d={d} T>=4096"
+
+
+def recommend(parity: List[Dict], speed: List[Dict], device: torch.device) -> Dict:
+    """Fastest fwd+bwd per shape class among the backends that passed every parity row."""
+    checked = {b: [r for r in parity if r["backend"] == b] for b in BACKENDS}
+    passed = {b: bool(rows) and all(r.get("passed") for r in rows) for b, rows in checked.items()}
+    per_class: Dict[str, Dict[str, float]] = {}
+    for (T, d) in sorted({(r["T"], r["d"]) for r in speed}):
+        times = {r["impl"]: r["fwd_bwd_ms"] for r in speed
+                 if r["T"] == T and r["d"] == d and r["impl"] in BACKENDS and r.get("status") == "ok"}
+        if len(times) < len(BACKENDS):
+            continue  # compare classes on shapes where both were measured
+        cls = per_class.setdefault(shape_class(T, d), {b: 0.0 for b in BACKENDS})
+        for b in BACKENDS:
+            cls[b] += times[b]
+    eligible = [b for b in BACKENDS if passed[b]]
+    winners = {}
+    for cls, totals in per_class.items():
+        cands = {b: t for b, t in totals.items() if b in eligible}
+        winners[cls] = min(cands, key=cands.get) if cands else None
+    distinct = sorted({w for w in winners.values() if w})
+    if not eligible:
+        line = "none: no backend passed every parity row"
+    elif not winners:
+        line = f"{eligible[0]} (no speed rows with both backends; parity passed: {', '.join(eligible)})"
+    elif len(distinct) == 1:
+        line = distinct[0]
+    else:
+        line = "by shape class: " + "; ".join(f"{c}: {w}" for c, w in sorted(winners.items()))
+    try:
+        from barrier_ops.backends import AUTO
+        current = AUTO.get(device.type)
+    except Exception:
+        current = None
+    return {"device_type": device.type, "recommended": line, "per_class": winners,
+            "class_fwd_bwd_ms": per_class, "parity_passed": passed, "current_auto": current}
+
+
+def environment(device: torch.device) -> Dict:
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except Exception:
+        env["transformers"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["fused_cuda_kernels"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "barrier_ops::kappa", "CUDA") if _has_op("kappa") else False
+    else:
+        env["gpu"] = None
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def _has_op(name: str) -> bool:
+    try:
+        import barrier_ops  # noqa: F401
+        return hasattr(torch.ops.barrier_ops, name)
+    except Exception:
+        return False
+
+
+def parse_tests_log(path: Optional[str]) -> Dict:
+    out = {"log": path}
+    if not path or not os.path.exists(path):
+        return out
+    with open(path, errors="replace") as f:
+        text = f.read()
+    summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
+    if summary:
+        last = summary[-1]
+        out["summary"] = last.strip("= ").strip()
+        for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", last):
+            out[what.rstrip("s") if what.startswith("error") else what] = int(n)
+    return out
+
+
+def _fmt(x, spec=".3g"):
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
+
+
+def markdown(report: Dict) -> str:
+    env, rec = report["environment"], report.get("recommendation") or {}
+    what = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
+    L = [f"# barrier_ops GPU check{' (CPU smoke)' if report['smoke'] else ''}", "",
+         f"- device: {what}" + (f", compute capability {env['capability']}, {env['gpu_memory_gib']} GiB"
+                                 if env.get("gpu") else ""),
+         f"- torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+         f"transformers {env.get('transformers')}, python {env['python']}",
+         f"- date {env['date']}; harness time {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget"]
+    if env.get("device_type") == "cuda":
+        L.append(f"- fused CUDA kernels registered: {env.get('fused_cuda_kernels')}")
+    build, tests = report.get("build") or {}, report.get("tests") or {}
+    if build:
+        L.append(f"- build: {build.get('status')} (log {build.get('log')})")
+    if tests:
+        L.append(f"- CUDA tests: {tests.get('summary', tests.get('status', 'no summary'))} (log {tests.get('log')})")
+    L += ["", f"**recommended auto backend on {env['device_type'].upper() if env['device_type'] == 'cuda' else env['device_type']}: "
+          f"{rec.get('recommended', 'n/a')}** (current AUTO[{env['device_type']!r}] = {rec.get('current_auto')!r}; "
+          "this run recommends only, it changes nothing)", ""]
+    if rec.get("per_class"):
+        L.append("| shape class | " + " | ".join(f"{b} fwd+bwd ms (sum)" for b in BACKENDS) + " | pick |")
+        L.append("|---|" + "---:|" * len(BACKENDS) + "---|")
+        for cls, totals in sorted(rec["class_fwd_bwd_ms"].items()):
+            L.append(f"| {cls} | " + " | ".join(f"{totals[b]:.2f}" for b in BACKENDS)
+                     + f" | {rec['per_class'].get(cls)} |")
+        L.append("")
+    L.append("parity passed: " + ", ".join(f"{b}: {'yes' if ok else 'NO'}"
+                                         for b, ok in rec.get("parity_passed", {}).items()))
+
+    parity = report["parity"]
+    n_fail = sum(1 for r in parity if not r.get("passed"))
+    L += ["", f"## Parity ({len(parity)} rows, {n_fail} failed)", "",
+          "Max relative error (max|x - ref| / max|ref|) vs the float64 reference, or vs the other "
+          f"backend (tolerance x{CROSS_FACTOR:g}) where T x T does not fit. Gradients at the barrier's "
+          f"real scale: loss = {BARRIER_WEIGHT} * mean barrier as one slice of {REAL_BATCH_TOKENS} tokens "
+          f"(fp16: x{FP16_LOSS_SCALE:g} loss scale).", "",
+          "| case | dtype | backend | vs | margins | worst grad | tol m / g | pass |",
+          "|---|---|---|---|---:|---:|---:|---|"]
+    for r in parity:
+        if "margin_rel_err" in r:
+            worst = max(r["grad_rel_err"], key=lambda n: (not math.isfinite(r["grad_rel_err"][n]), r["grad_rel_err"][n]))
+            grad = f"{worst} {_fmt(r['grad_rel_err'][worst], '.2e')}"
+            m = _fmt(r["margin_rel_err"], ".2e")
+        else:
+            grad, m = "", r.get("error", "")
+        uf = f" (underflow: {', '.join(r['underflow'])})" if r.get("underflow") else ""
+        L.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {r.get('compared_to', '–')} | {m} | {grad}{uf} | "
+                 f"{r['tol_margin']:.0e} / {r['tol_grad']:.0e} | {'pass' if r.get('passed') else '**FAIL**'} |")
+
+    speed = report["speed"]
+    L += ["", "## Speed and memory", "",
+          f"x yardstick: time over plain SDPA attention fwd+bwd (F.scaled_dot_product_attention, "
+          "is_causal=True) at the same shape. kernel: torch._fused_sdp_choice for the sdpa backend's "
+          "q', k', V' (and for the yardstick's q, k, v).", "",
+          "| d | T | impl | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd x yardstick | kernel |",
+          "|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in sorted(speed, key=lambda r: (r["d"], r["T"], SPEED_IMPLS.index(r["impl"]))):
+        if r.get("status") != "ok":
+            L.append(f"| {r['d']} | {r['T']} | {r['impl']} | {r.get('status')} | | | | |")
+            continue
+        L.append(f"| {r['d']} | {r['T']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                 f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(r.get('fwd_bwd_ratio_to_yardstick'), '.2f')} | "
+                 f"{r.get('sdpa_kernel', '')} |")
+
+    e2e = report["e2e"]
+    L += ["", "## End to end: GPT-2 AdamW step", ""]
+    if e2e:
+        r0 = e2e[0]
+        L += [f"{r0['model']} ({r0['params'] / 1e6:.2f}M params), batch {r0['batch']}, T {r0['T']}, "
+              f"autocast {r0['autocast']}, barrier weight {r0['weight']}", "",
+              "| variant | step ms | overhead % | peak MiB |", "|---|---:|---:|---:|"]
+        for r in e2e:
+            if r.get("status") != "ok":
+                L.append(f"| {r['variant']} | {r.get('status')} | | |")
+                continue
+            L.append(f"| {r['variant']} | {r['step_ms']:.1f} | {_fmt(r.get('overhead_pct'), '+.1f')} | "
+                     f"{_fmt(r.get('peak_mib'), '.0f')} |")
+    if report.get("skipped"):
+        L += ["", f"## Skipped for the time budget ({len(report['skipped'])})", ""]
+        L += [f"- {s}" for s in report["skipped"]]
+    if report.get("errors"):
+        L += ["", "## Harness errors", ""] + [f"- {e}" for e in report["errors"]]
+    return "\n".join(L) + "\n"
+
+
+def write_report(report: Dict, outdir: str) -> None:
+    report["elapsed_s"] = time.monotonic() - report["_t0"]
+    report["recommendation"] = recommend(report["parity"], report["speed"], report["_device"])
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    os.makedirs(outdir, exist_ok=True)
+    tmp = os.path.join(outdir, "report.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_finite_or_str(public), f, indent=1)
+    os.replace(tmp, os.path.join(outdir, "report.json"))
+    with open(os.path.join(outdir, "report.md"), "w") as f:
+        f.write(markdown(public))
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outdir", default="runs/gpu_check")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (the CPU smoke run)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new rows after this many seconds (default 420; smoke 60)")
+    p.add_argument("--ref-max-t", type=int, default=None, help="largest T checked against the reference")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    p.add_argument("--build-status", default=None)
+    p.add_argument("--build-log", default=None)
+    p.add_argument("--tests-log", default=None)
+    p.add_argument("--tests-rc", type=int, default=None)
+    return p.parse_args(argv)
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.t0 = time.monotonic()
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - self.t0)
+
+    def allows(self, estimate_s: float) -> bool:
+        return self.left() >= estimate_s
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    smoke = args.smoke
+    budget = Budget(args.budget_s if args.budget_s is not None else (60.0 if smoke else 420.0))
+    ref_max_t = args.ref_max_t or (48 if smoke else 4096)
+    report = {"_t0": budget.t0, "_device": device, "smoke": smoke, "budget_s": budget.seconds, "elapsed_s": 0.0,
+              "environment": environment(device), "parity": [], "speed": [], "e2e": [],
+              "recommendation": None, "skipped": [], "errors": [],
+              "settings": {"ref_max_t": ref_max_t, "tolerances": TOL, "cross_factor": CROSS_FACTOR,
+                           "real_batch_tokens": REAL_BATCH_TOKENS, "barrier_weight": BARRIER_WEIGHT,
+                           "fp16_loss_scale": FP16_LOSS_SCALE}}
+    if args.build_status or args.build_log:
+        report["build"] = {"status": args.build_status, "log": args.build_log}
+    if args.tests_log or args.tests_rc is not None:
+        report["tests"] = dict(parse_tests_log(args.tests_log), rc=args.tests_rc)
+    out = args.outdir
+
+    def log(msg):
+        print(f"[gpu_check {time.monotonic() - budget.t0:6.1f}s] {msg}", flush=True)
+
+    def guarded(label: str, estimate_s: float, fn: Callable[[], None]) -> None:
+        if not budget.allows(estimate_s):
+            report["skipped"].append(f"{label} (needs ~{estimate_s:.0f} s, {max(budget.left(), 0):.0f} s left)")
+            return
+        try:
+            fn()
+        except Exception as exc:  # the harness itself must finish and write its report
+            report["errors"].append(f"{label}: {_short_error(exc)}")
+            traceback.print_exc()
+        write_report(report, out)
+
+    # Sizes
+    if smoke:
+        speed_B, speed_H, speed_dims, speed_T = 1, 2, (16,), (64, 128)
+        speed_dtype, warmup, reps = torch.float32, 2, 5
+        first_speed = (128, 16)
+        e2e_batch, e2e_T, e2e_warm, e2e_reps = 2, 32, 2, 5
+    else:
+        speed_B, speed_H, speed_dims, speed_T = 4, 16, (128, 64), (1024, 2048, 4096, 8192, 16384)
+        speed_dtype, warmup, reps = torch.bfloat16, 3, 10
+        first_speed = (4096, 128)
+        e2e_batch, e2e_T, e2e_warm, e2e_reps = 8, 1024, 3, 10
+    row_est = 1.0 if smoke else 5.0
+
+    with_ref, long_cases = parity_cases(device, smoke)
+
+    def run_parity(cases):
+        for case, dt in cases:
+            label = f"parity {case.name} {dt}"
+            if not budget.allows(row_est):
+                report["skipped"].append(label)
+                continue
+            log(label)
+            try:
+                report["parity"].extend(parity_case(case, dt, device, ref_max_t))
+            except Exception as exc:
+                report["errors"].append(f"{label}: {_short_error(exc)}")
+            write_report(report, out)
+
+    def run_speed(shapes, impls):
+        for T, d in shapes:
+            for impl in impls:
+                label = f"speed {impl} T={T} d={d}"
+                est = (90.0 if not smoke else 20.0) if impl == "compiled_reference" else row_est + T / 2048
+                if not budget.allows(est):
+                    report["skipped"].append(label)
+                    continue
+                log(label)
+                report["speed"].append(speed_row(impl, speed_B, speed_H, T, d, speed_dtype, device, warmup, reps))
+                add_ratios(report["speed"])
+                write_report(report, out)
+
+    def run_e2e():
+        log("end to end GPT-2")
+        report["e2e"] = e2e_rows(device, smoke, e2e_batch, e2e_T, e2e_warm, e2e_reps,
+                                 deadline=budget.t0 + budget.seconds)
+
+    compile_ok = not args.no_compile and not smoke
+    fast_impls = [i for i in SPEED_IMPLS if i != "compiled_reference"]
+    other_shapes = [(T, d) for d in speed_dims for T in speed_T if (T, d) != first_speed]
+
+    write_report(report, out)
+    run_parity(with_ref)                                     # 1. parity where the reference fits
+    run_speed([first_speed], fast_impls)                     # 2. the headline speed shape
+    guarded("end to end GPT-2", 15.0 if smoke else 45.0, run_e2e)  # 3. end to end
+    run_parity(long_cases)                                   # 4. long T, fused vs sdpa
+    run_speed(other_shapes, fast_impls)                      # 5. the rest of the speed grid
+    if compile_ok:                                           # 6. torch.compile'd reference
+        run_speed([first_speed] + other_shapes, ["compiled_reference"])
+    elif args.no_compile or smoke:
+        report["skipped"].append("compiled_reference speed rows (--no-compile or smoke)")
+    write_report(report, out)
+    log(f"recommended auto backend on {device.type}: {report['recommendation']['recommended']}")
+    log(f"wrote {os.path.join(out, 'report.md')} and report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
