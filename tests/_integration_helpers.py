@@ -90,8 +90,12 @@ def hf_coupling(attn, heads):
 # ---------------------------------------------------------------------------
 
 
-def nanogpt_oracle(model, idx, targets, *, weight, coupling="identity", combine_heads=False, eps=1e-2, layers=None):
-    """(ce, reference term, per-layer barriers) from the un-attached model; differentiable."""
+def nanogpt_oracle(model, idx, targets, *, weight, coupling="identity", combine_heads=False, eps=1e-2, layers=None,
+                   **reference_kwargs):
+    """(ce, reference term, per-layer barriers) from the un-attached model; differentiable.
+
+    reference_kwargs (target_margin, causal, ...) go to margin_barrier_loss_reference.
+    """
     captured = []
     hooks = []
     for block in model.transformer.h:
@@ -115,7 +119,8 @@ def nanogpt_oracle(model, idx, targets, *, weight, coupling="identity", combine_
             continue
         A = nanogpt_coupling(attn) if coupling == "weights" else None
         barriers.append(
-            margin_barrier_loss_reference(q, k, v, coupling=A, combine_heads=combine_heads, eps=eps)
+            margin_barrier_loss_reference(q, k, v, coupling=A, combine_heads=combine_heads, eps=eps,
+                                          **reference_kwargs)
         )
     return ce, weight * torch.stack(barriers).mean(), barriers
 

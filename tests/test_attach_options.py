@@ -8,32 +8,15 @@ import pytest
 import torch
 
 import barrier_ops
-from barrier_ops.reference import margin_barrier_loss_reference
-from _integration_helpers import clone, grads, tiny_nanogpt
+from _integration_helpers import clone, grads, nanogpt_oracle, tiny_nanogpt
 
 WEIGHT = 0.5
 
 
 def _oracle(model, idx, targets, weight, **reference_kwargs):
     """CE + weight * mean over layers of the reference barrier, from the un-attached model."""
-    captured = []
-    hooks = []
-    for block in model.transformer.h:
-        attn = block.attn
-
-        def hook(lin, inp, out, attn=attn):
-            B, T, _ = out.shape
-            C, H = attn.n_embd, attn.n_head
-            captured.append([t.view(B, T, H, C // H).transpose(1, 2) for t in out.split(C, dim=2)])
-
-        hooks.append(attn.c_attn.register_forward_hook(hook))
-    try:
-        _, ce = model(idx, targets)
-    finally:
-        for h in hooks:
-            h.remove()
-    barriers = [margin_barrier_loss_reference(*qkv, **reference_kwargs) for qkv in captured]
-    return ce + weight * torch.stack(barriers).mean()
+    ce, term, _ = nanogpt_oracle(model, idx, targets, weight=weight, **reference_kwargs)
+    return ce + term
 
 
 def _batch(seed=0, T=24):

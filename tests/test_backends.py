@@ -391,3 +391,24 @@ def test_sdpa_layout_reaches_the_cpu_flash_kernel(dtype, masked):
     assert torch._fused_sdp_choice(q, q, v, is_causal=True) == 1
     assert torch._fused_sdp_choice(q, q, torch.randn(2, 4, T, vw + 8, dtype=dtype),
                                    is_causal=True) == 0
+
+
+@pytest.mark.parametrize("causal", ["inclusive", "strict", "none"])
+def test_kappa_op_ignores_garbage_in_padded_rows(causal):
+    # The op itself, not only the public API (which zeroes padding first).
+    case = Case(B=2, H=2, Hkv=2, T=150, d=8, masked=True)
+    q, k, w, _, mask = make_inputs(case, torch.float64, requires_grad=False)
+    pad = (~mask)[:, None, :, None]
+    clean = [torch.where(pad, torch.zeros_like(t), t) for t in (q, k, w)]
+    dirty = [torch.where(pad, torch.full_like(t, float("nan")), t) for t in (q, k, w)]
+    ops = torch.ops.barrier_ops
+    want = ops.kappa(*clean, 0.3, causal, mask)
+    got = ops.kappa(*dirty, 0.3, causal, mask)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=0, atol=0, equal_nan=False)
+    beta = torch.randn_like(want[0])
+    grads_want = ops.kappa_backward(beta, *clean, 0.3, causal, mask, *want)
+    grads_got = ops.kappa_backward(beta, *dirty, 0.3, causal, mask, *got)
+    for g, w_ in zip(grads_got, grads_want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w_, rtol=0, atol=0)

@@ -27,11 +27,30 @@ constexpr int64_t kKeyBlock = 128;
 // Keys packed per query head as [k | w | g] with g_s = <k_s, w_s>: one GEMM of
 // the softmax weights against this gives sum(alpha k), sum(alpha w) and
 // sum(alpha g) together.
-at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w) {
-  const at::Tensor k_h = k.to(accumulation_dtype(k.scalar_type()));
-  const at::Tensor w_a = w.to(k_h.scalar_type());
+//
+// Padded rows are zeroed (here and in q): a masked key gets weight exactly 0,
+// but the block GEMMs would still form 0 * NaN from whatever it holds.
+at::Tensor pack_keys(const at::Tensor& k, const at::Tensor& w, const at::Tensor& real) {
+  at::Tensor k_h = k.to(accumulation_dtype(k.scalar_type()));
+  at::Tensor w_a = w.to(k_h.scalar_type());
+  if (real.defined()) {
+    k_h = at::where(real, k_h, 0.0);
+    w_a = at::where(real, w_a, 0.0);
+  }
   const at::Tensor g = (k_h * w_a).sum(-1, /*keepdim=*/true);
   return at::cat({k_h, w_a, g}, -1).contiguous();
+}
+
+// [B, 1, T, 1] view of the key padding mask (True = real), or undefined.
+at::Tensor real_rows(const KappaProblem& problem) {
+  const at::Tensor& mask = problem.key_padding_mask;
+  return mask.defined() ? mask.view({problem.B(), 1, problem.T(), 1}) : at::Tensor();
+}
+
+at::Tensor queries_in(const KappaProblem& problem, at::ScalarType acc) {
+  at::Tensor q = problem.q.to(acc);
+  const at::Tensor real = real_rows(problem);
+  return (real.defined() ? at::where(real, q, 0.0) : q).contiguous();
 }
 
 // The row loops below are compiled once per ISA clone; GCC inlines a helper
@@ -264,8 +283,8 @@ struct CpuOperands {
         scale(problem.scale), causal(problem.causal),
         acc(accumulation_dtype(problem.q.scalar_type())),
         opts(problem.q.options().dtype(acc)),
-        q(problem.q.to(acc).contiguous()),
-        packed(pack_keys(problem.k, problem.w)) {}
+        q(queries_in(problem, acc)),
+        packed(pack_keys(problem.k, problem.w, real_rows(problem))) {}
   const int64_t B, H, T, d, width;
   const double scale;
   const CausalMode causal;

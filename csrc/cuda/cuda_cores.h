@@ -21,14 +21,6 @@ namespace cuda {
 // The largest head dim the fused kernels take (q/k are padded to 64 or 128).
 constexpr int64_t kMaxHeadDim = 128;
 
-// Per-row helper shared by forward and backward (kappa_forward.cu):
-// g[b,h,t] = <k[b,h,t], w[b,h,t]>, and when stats is defined also
-// hbar = kappa / scale - <kbar, wbar> and beta_c = beta * scale at active
-// rows (finite lse, beta != 0), else 0. All outputs [B, H, T] in acc dtype.
-void launch_row_prep(const at::Tensor& k, const at::Tensor& w, const at::Tensor& stats,
-                     const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& beta,
-                     double scale, at::Tensor& g, at::Tensor& hbar, at::Tensor& beta_c);
-
 // Refuses inputs the device cannot run, and d > kMaxHeadDim, with an error
 // naming the argument.
 void check_core_inputs(const at::Tensor& q);
