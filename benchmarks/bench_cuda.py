@@ -1,17 +1,30 @@
-"""CUDA benchmark: the fused margin-barrier op against the eager reference,
-torch.compile(reference) and PyTorch SDPA (flash attention) on the same shapes.
+"""CUDA benchmark: the margin-barrier op with each backend against plain SDPA
+attention and the materialised reference, on the same shapes.
+
+Implementations (--impls):
+  fused               barrier_ops.margin_barrier_loss(backend="fused"), our kernels
+  sdpa                barrier_ops.margin_barrier_loss(backend="sdpa"), PyTorch's attention kernels
+  attention           plain F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                      fwd+bwd, PyTorch's own kernel choice: the yardstick
+  eager_reference     barrier_ops.reference.margin_barrier_loss_reference
+  compiled_reference  torch.compile(reference)
+  sdpa_flash          plain SDPA attention with FlashAttention forced (not in the default set)
 
 bf16, B * H = 32, causal, T in 1024..16384, d in {64, 128}. For each shape and
 implementation: forward time, forward+backward time (median of CUDA-event
-timed runs after warm-up), peak memory of forward+backward, and TFLOP/s
-counted per the spec's "Cost" section (shared/spec/barrier-math.md):
+timed runs after warm-up), peak memory of forward+backward, the time over the
+yardstick's, the SDPA kernel PyTorch picks (torch._fused_sdp_choice, for the
+sdpa backend on its widened q', k', V'), and TFLOP/s counted per the spec's
+"Cost" section (shared/spec/barrier-math.md):
 
     margin forward          ~ 3 d T^2 per (b, h)  (causal)
     margin forward+backward ~ 1.4 x attention's,  attention: 2 d T^2 fwd, 7 d T^2 fwd+bwd
 
-Out-of-memory cases are reported as "OOM". Results go to
-benchmarks/results/<device>.json and a markdown table (printed and written
-next to it). Usage:
+Timing and memory come from benchmarks/gpu_check.py (one implementation of
+both; gpu_check.sh runs the same rows at B=4, H=16 next to its parity checks).
+The reference is skipped where its T x T tensors would not fit, out-of-memory
+cases are reported as "OOM". Results go to benchmarks/results/<device>.json
+and a markdown table (printed and written next to it). Usage:
 
     python benchmarks/bench_cuda.py            # full sweep
     python benchmarks/bench_cuda.py --quick    # T in {1024, 4096}, d = 64
@@ -21,19 +34,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_check  # noqa: E402  (the shared timing: benchmarks/gpu_check.py)
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-IMPLS = ["fused", "eager_reference", "compiled_reference", "sdpa_flash"]
+IMPLS = ["fused", "sdpa", "attention", "eager_reference", "compiled_reference"]
+ALL_IMPLS = IMPLS + ["sdpa_flash"]
+ATTENTION = ("attention", "sdpa_flash")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -43,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="sequence lengths (default 1024 2048 4096 8192 16384)")
     p.add_argument("--head-dims", type=int, nargs="+", default=None, help="head dims (default 64 128)")
     p.add_argument("--batch", type=int, default=4, help="B (H = 32 / B; default 4)")
-    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=ALL_IMPLS)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default results/<device>.json)")
@@ -63,128 +79,69 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def flops(kind: str, T: int, d: int, BH: int, fwd_only: bool) -> float:
     attention = (2.0 if fwd_only else 7.0) * d * T * T * BH
-    if kind == "sdpa_flash":
+    if kind in ATTENTION:
         return attention
     return 3.0 * d * T * T * BH if fwd_only else 1.4 * 7.0 * d * T * T * BH
 
 
-def cuda_time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def make_callables(impl: str, q, k, v):
-    import barrier_ops
-    from barrier_ops import reference as ref
-
-    if impl == "sdpa_flash":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        grad_out = torch.randn_like(q)
-
-        def fwd():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
-                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        def fwd_bwd():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            torch.autograd.grad(out, (q, k, v), grad_out)
-
-        return fwd, fwd_bwd
-
-    if impl == "fused":
-        loss_fn = barrier_ops.margin_barrier_loss
-    elif impl == "eager_reference":
-        loss_fn = ref.margin_barrier_loss_reference
-    else:
-        loss_fn = torch.compile(ref.margin_barrier_loss_reference, fullgraph=True)
-
-    def fwd():
-        with torch.no_grad():
-            loss_fn(q, k, v)
-
-    def fwd_bwd():
-        torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
-
-    return fwd, fwd_bwd
-
-
 def run_one(impl: str, B: int, H: int, T: int, d: int, warmup: int, iters: int) -> Dict:
-    row = {"impl": impl, "B": B, "H": H, "T": T, "d": d, "dtype": "bfloat16"}
-    torch.cuda.empty_cache()
-    try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   .requires_grad_() for _ in range(3))
-        fwd, fwd_bwd = make_callables(impl, q, k, v)
-        row["fwd_ms"] = cuda_time_ms(fwd, warmup, iters)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        row["fwd_bwd_ms"] = cuda_time_ms(fwd_bwd, warmup, iters)
-        row["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    """One row, timed by gpu_check.speed_row (CUDA events, median; peak memory of one fwd+bwd)."""
+    row = gpu_check.speed_row("attention_flash" if impl == "sdpa_flash" else impl, B, H, T, d,
+                              torch.bfloat16, torch.device("cuda"), warmup, iters)
+    row["impl"] = impl
+    if impl == "sdpa_flash" and row.get("status") == "ok":
+        row["sdpa_kernel"] = "FLASH_ATTENTION (forced)"
+    if row.get("status") == "ok":
         BH = B * H
+        row["peak_mem_mib"] = row["peak_mib"]
         row["fwd_tflops"] = flops(impl, T, d, BH, True) / (row["fwd_ms"] * 1e-3) / 1e12
         row["fwd_bwd_tflops"] = flops(impl, T, d, BH, False) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-        row["status"] = "ok"
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "OOM"
-    except Exception as exc:  # a failing baseline (e.g. compile) must not hide the others
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    finally:
-        q = k = v = None
-        torch.cuda.empty_cache()
     return row
 
 
 def markdown(rows: List[Dict]) -> str:
     lines = [
-        "| T | d | impl | fwd ms | fwd+bwd ms | peak MiB | fwd TFLOP/s | fwd+bwd TFLOP/s |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| T | d | impl | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd x attention | fwd TFLOP/s | "
+        "fwd+bwd TFLOP/s | SDPA kernel |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['T']} | {r['d']} | {r['impl']} | {r['status']} | | | | |")
+            lines.append(f"| {r['T']} | {r['d']} | {r['impl']} | {r['status']} | | | | | | |")
             continue
+        ratio = r.get("fwd_bwd_ratio_to_yardstick")
         lines.append(
             f"| {r['T']} | {r['d']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-            f"{r['peak_mem_mib']:.0f} | {r['fwd_tflops']:.1f} | {r['fwd_bwd_tflops']:.1f} |"
+            f"{r['peak_mem_mib']:.0f} | {f'{ratio:.2f}' if ratio else 'n/a'} | {r['fwd_tflops']:.1f} | "
+            f"{r['fwd_bwd_tflops']:.1f} | {r.get('sdpa_kernel', '')} |"
         )
     return "\n".join(lines)
 
 
 def speedups(rows: List[Dict]) -> List[str]:
-    """The issue's targets at each shape: fused vs eager, compiled, SDPA (fwd+bwd)."""
+    """At each shape: fused vs eager, compiled and the sdpa backend; both backends vs attention (fwd+bwd)."""
     out = []
     by_shape: Dict = {}
     for r in rows:
         by_shape.setdefault((r["T"], r["d"]), {})[r["impl"]] = r
     for (T, d), impls in sorted(by_shape.items()):
-        fused = impls.get("fused")
-        if not fused or fused["status"] != "ok":
-            continue
         parts = []
-        for other in ("eager_reference", "compiled_reference"):
-            o = impls.get(other)
-            if o and o["status"] == "ok":
-                parts.append(f"{o['fwd_bwd_ms'] / fused['fwd_bwd_ms']:.1f}x faster than {other}")
-            elif o:
-                parts.append(f"{other}: {o['status']}")
-        s = impls.get("sdpa_flash")
-        if s and s["status"] == "ok":
-            parts.append(f"{fused['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}x SDPA fwd+bwd time")
-        out.append(f"T={T} d={d}: " + ", ".join(parts))
+        fused = impls.get("fused")
+        if fused and fused["status"] == "ok":
+            for other in ("eager_reference", "compiled_reference", "sdpa"):
+                o = impls.get(other)
+                if o and o["status"] == "ok":
+                    parts.append(f"fused {o['fwd_bwd_ms'] / fused['fwd_bwd_ms']:.2f}x faster than {other}")
+                elif o:
+                    parts.append(f"{other}: {o['status']}")
+        elif fused:
+            parts.append(f"fused: {fused['status']}")
+        for name in ("fused", "sdpa"):
+            r = impls.get(name)
+            if r and r.get("fwd_bwd_ratio_to_yardstick"):
+                parts.append(f"{name} {r['fwd_bwd_ratio_to_yardstick']:.2f}x attention's fwd+bwd time")
+        if parts:
+            out.append(f"T={T} d={d}: " + ", ".join(parts))
     return out
 
 
@@ -195,8 +152,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     import barrier_ops  # noqa: F401
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::margin_barrier_loss", "CUDA"):
-        print("barrier_ops was built without CUDA kernels (BARRIER_OPS_CUDA=1)", file=sys.stderr)
+    # margin_barrier_loss is a composite; the fused CUDA kernels are the kappa op's.
+    if "fused" in args.impls and not torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::kappa", "CUDA"):
+        print("barrier_ops was built without CUDA kernels (BARRIER_OPS_CUDA=1); "
+              "leave out fused (--impls sdpa attention ...) to run the rest", file=sys.stderr)
         return 1
     device = torch.cuda.get_device_name()
     B = args.batch
@@ -210,6 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(row)
                 shown = f"{row['fwd_bwd_ms']:.2f} ms fwd+bwd" if row["status"] == "ok" else row["status"]
                 print(f"T={T:6d} d={d:3d} {impl:20s} {shown}  ({time.time() - t0:.0f} s)", flush=True)
+    gpu_check.add_ratios(rows)  # each row's time over plain attention's at its shape
     table = markdown(rows)
     notes = speedups(rows)
     print()
@@ -227,7 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "causal": True,
         "warmup": args.warmup,
         "iters": args.iters,
-        "flop_count": "spec Cost section: fused fwd 3dT^2, fwd+bwd 9.8dT^2; SDPA 2dT^2 / 7dT^2 (per b,h)",
+        "flop_count": "spec Cost section: barrier (fused, sdpa, reference) fwd 3dT^2, fwd+bwd 9.8dT^2; "
+                      "attention 2dT^2 / 7dT^2 (per b,h)",
+        "yardstick": "attention: F.scaled_dot_product_attention(q, k, v, is_causal=True) fwd+bwd",
+        "timing": "benchmarks/gpu_check.py: CUDA events, median of iters after warmup",
     }
     out = args.out or os.path.join(
         RESULTS_DIR, re.sub(r"[^A-Za-z0-9_.-]+", "_", device).strip("_") + ".json")
