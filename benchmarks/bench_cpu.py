@@ -1,7 +1,8 @@
-"""CPU benchmark: fused barrier_ops kernels vs the pure-PyTorch reference.
+"""CPU benchmark: fused barrier_ops kernels vs the sdpa backend and the pure-PyTorch reference.
 
 For each T it times forward and forward+backward of margin_barrier_loss for
-  fused     barrier_ops.margin_barrier_loss (the C++ op)
+  fused     barrier_ops.margin_barrier_loss(backend="fused") (the C++ op)
+  sdpa      barrier_ops.margin_barrier_loss(backend="sdpa") (PyTorch's CPU flash attention)
   eager     barrier_ops.reference.margin_barrier_loss_reference
   compiled  torch.compile(reference)   (skip with --no-compile)
 and measures each one's peak memory in a fresh subprocess (peak RSS growth of
@@ -11,11 +12,13 @@ statistics. Prints a table and writes JSON.
     python benchmarks/bench_cpu.py                    # T = 512 1024 2048 4096, d = 64
     python benchmarks/bench_cpu.py --quick            # T = 256 512, no compile
     python benchmarks/bench_cpu.py --out results.json --threads 2
+    python benchmarks/bench_cpu.py --T 512 1024 --impls fused sdpa --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -27,7 +30,7 @@ import time
 
 import torch
 
-IMPLS = ("fused", "eager", "compiled")
+IMPLS = ("fused", "sdpa", "eager", "compiled")
 
 
 def _inputs(B, H, Hkv, T, d, seed=0):
@@ -42,8 +45,8 @@ def _loss_fn(impl):
     import barrier_ops
     from barrier_ops import reference
 
-    if impl == "fused":
-        return barrier_ops.margin_barrier_loss
+    if impl in ("fused", "sdpa"):
+        return functools.partial(barrier_ops.margin_barrier_loss, backend=impl)
     if impl == "eager":
         return reference.margin_barrier_loss_reference
     if impl == "compiled":
@@ -157,6 +160,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                   help="implementations to run (fused is always included: the ratios are to it)")
     p.add_argument("--quick", action="store_true", help="T = 256 512, no compile, 2 repeats")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.json"))
     p.add_argument("--child-memory", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
@@ -170,7 +175,8 @@ def main():
 
     if args.quick:
         args.T, args.no_compile, args.repeats = [256, 512], True, 2
-    impls = [i for i in IMPLS if not (i == "compiled" and args.no_compile)]
+    impls = [i for i in IMPLS if (i in args.impls or i == "fused")
+             and not (i == "compiled" and args.no_compile)]
     device = f"{platform.processor() or platform.machine()} ({args.threads} threads), torch {torch.__version__}"
     rows = []
     for T in args.T:
@@ -206,10 +212,18 @@ def main():
             )
     lines.append("x columns: the implementation's time (memory) over the fused op's; > 1 means fused is better.")
     lines.append("paired x range: min-max over repeats of that repeat's fwd+bwd time over the fused op's.")
+    summary = []
+    for row in rows:
+        sp = ratio(row, "sdpa", "fwd_bwd_s") if "sdpa" in impls else None
+        if sp:
+            span = row["sdpa"].get("fwd_bwd_ratio_range")
+            summary.append(f"T={row['T']}: fused fwd+bwd is {sp:.2f}x faster than sdpa"
+                           + (f" (paired {span[0]:.2f}-{span[1]:.2f})" if span else ""))
+    lines += summary
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": device, "rows": rows, "table": lines}, f, indent=2)
+        json.dump({"device": device, "rows": rows, "table": lines, "summary": summary}, f, indent=2)
     print(f"wrote {args.out}")
 
 
