@@ -729,7 +729,9 @@ def markdown(report: Dict) -> str:
     if build:
         L.append(f"- build: {build.get('status')} (log {build.get('log')})")
     if tests:
-        L.append(f"- CUDA tests: {tests.get('summary', tests.get('status', 'no summary'))} (log {tests.get('log')})")
+        rc = tests.get("rc")
+        summary = tests.get("summary") or ("timed out" if rc == 124 else f"no summary (rc {rc})")
+        L.append(f"- CUDA tests (pytest -m cuda tests/test_cuda.py): {summary}, rc {rc} (log {tests.get('log')})")
     L += ["", f"**recommended auto backend on {env['device_type'].upper() if env['device_type'] == 'cuda' else env['device_type']}: "
           f"{rec.get('recommended', 'n/a')}** (current AUTO[{env['device_type']!r}] = {rec.get('current_auto')!r}; "
           "this run recommends only, it changes nothing)", ""]
