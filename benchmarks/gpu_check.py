@@ -882,9 +882,9 @@ def main(argv=None) -> int:
     # Sizes
     if smoke:
         speed_B, speed_H, speed_dims, speed_T = 1, 2, (16,), (64, 128)
-        speed_dtype, warmup, reps = torch.float32, 2, 5
+        speed_dtype, warmup, reps = torch.float32, 1, 3
         first_speed = (128, 16)
-        e2e_batch, e2e_T, e2e_warm, e2e_reps = 2, 32, 2, 5
+        e2e_batch, e2e_T, e2e_warm, e2e_reps = 2, 32, 1, 3
     else:
         speed_B, speed_H, speed_dims, speed_T = 4, 16, (128, 64), (1024, 2048, 4096, 8192, 16384)
         speed_dtype, warmup, reps = torch.bfloat16, 3, 10
