@@ -14,7 +14,7 @@
 # Failures of the build or of tests do not stop the rest: they are recorded in the report.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 
 SMOKE=0
 if [ "${1:-}" = "--cpu-smoke" ]; then
