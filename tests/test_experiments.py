@@ -14,7 +14,7 @@ from barrier_ops.experiments import data as data_mod  # noqa: E402
 from barrier_ops.experiments import sweep as sweep_mod  # noqa: E402
 from barrier_ops.experiments.config import BarrierConfig, ConfigError, ModelConfig, from_dict, load_config  # noqa: E402
 from barrier_ops.experiments.evaluate import evaluate_split, noise_eval  # noqa: E402
-from barrier_ops.experiments.model import CharGPT, training_loss  # noqa: E402
+from barrier_ops.experiments.model import CharGPT, attach_barrier, measuring, training_loss  # noqa: E402
 from barrier_ops.reference import margin_barrier_loss_reference, token_margins_reference  # noqa: E402
 
 from _cases import assert_close  # noqa: E402
@@ -45,32 +45,39 @@ def _tiny_cfg(tmp_path, **train):
     })
 
 
-def _model(coupling="exact", seed=0):
+def _model(coupling="weights", seed=0, lam=0.5, target_margin=None):
     torch.manual_seed(seed)
-    return CharGPT(11, ModelConfig(**TINY_MODEL), BarrierConfig(coupling=coupling))
+    model = CharGPT(11, ModelConfig(**TINY_MODEL))
+    attach_barrier(model, BarrierConfig(coupling=coupling, target_margin=target_margin), lam)
+    return model
 
 
-@pytest.mark.parametrize("coupling", ["exact", "identity"])
+@pytest.mark.parametrize("coupling", ["weights", "identity"])
 def test_forward_backward_with_penalty(coupling):
     model = _model(coupling)
+    handle = barrier_ops.get_handle(model)
+    assert handle.kind == "chargpt" and handle.layer_names == ["blocks.0.attn", "blocks.1.attn"]
+    assert handle.coupling == coupling and handle.combine_heads and handle.weight == 0.5
     x = torch.randint(0, 11, (3, 16))
-    out = model(x, x, want_penalty=True)
+    out = model(x, x)
     assert out.logits.shape == (3, 16, 11)
     assert torch.isfinite(out.penalty) and out.penalty.ndim == 0
+    torch.testing.assert_close(out.loss, out.ce + 0.5 * out.penalty)  # the handle added lambda_m * penalty
     training_loss(out, 0.5).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # The penalty alone must reach the query projection, and the last layer's W_O (which feeds no
     # later layer) only through the exact coupling A_h = W_Q^h W_O^h.
     model.zero_grad()
-    model(x, x, want_penalty=True).penalty.backward()
+    out = model(x, x)
+    (out.loss - out.ce).backward()
     assert model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
     o_grad = model.blocks[-1].attn.o_proj.weight.grad
-    assert (o_grad is not None and o_grad.abs().sum() > 0) == (coupling == "exact")
+    assert (o_grad is not None and o_grad.abs().sum() > 0) == (coupling == "weights")
 
 
 def test_penalty_is_layer_mean_of_reference_barrier():
-    model = _model("exact").double()
+    model = _model("weights").double()
     # At the default init (std 0.02) every margin is within 2e-5 of 1 and the penalty ~5e-6 is
     # lost in float32 rounding: scaled attention weights give margins 0.2..1.2 (all in the -log
     # branch, above eps) and a penalty of 0.2, so a 0.01% error of the op fails the check.
@@ -82,7 +89,9 @@ def test_penalty_is_layer_mean_of_reference_barrier():
     captured = []
     for block in model.blocks:
         block.attn.register_forward_hook(lambda mod, inp, out: captured.append((mod, inp[0])))
-    out = model(x, want_penalty=True, want_margins=True)
+    with measuring(model):
+        out = model(x)
+    assert out.loss is None and len(out.margins) == 2
     expected, margins = [], []
     for attn, h in captured:
         B, T, C = h.shape
@@ -90,7 +99,7 @@ def test_penalty_is_layer_mean_of_reference_barrier():
         H, d = attn.n_head, C // attn.n_head
         A = torch.stack([attn.q_proj.weight[i * d:(i + 1) * d] @ attn.o_proj.weight[:, i * d:(i + 1) * d]
                          for i in range(H)])
-        eps = model.blocks[0].attn.barrier.eps
+        eps = barrier_ops.get_handle(model).eps
         expected.append(margin_barrier_loss_reference(q, k, v, coupling=A, combine_heads=True, eps=eps))
         margins.append(token_margins_reference(q, k, v, coupling=A, combine_heads=True))
     expected = torch.stack(expected).mean().detach()
@@ -102,15 +111,18 @@ def test_penalty_is_layer_mean_of_reference_barrier():
 
 
 def test_ce_mode_ignores_penalty():
-    model = _model()
+    model = _model(lam=0.0)
+    assert not barrier_ops.get_handle(model).enabled  # CE training never computes the barrier
     x = torch.randint(0, 11, (2, 16))
-    out = model(x, x, want_penalty=True)
-    assert training_loss(out, 0.0) is out.ce  # zero weight: exactly the CE, no penalty term in the graph
-    no_pen = model(x, x)
-    assert no_pen.penalty is None
-    torch.testing.assert_close(training_loss(no_pen, 0.0), out.ce)
-    with pytest.raises(ValueError, match="want_penalty"):
-        training_loss(no_pen, 0.1)
+    out = model(x, x)
+    assert out.penalty is None and out.loss is out.ce and training_loss(out, 0.0) is out.ce
+    with pytest.raises(ValueError, match="attach"):
+        training_loss(out, 0.1)
+    with measuring(model):  # evaluation still measures the CE model's barrier and margins
+        measured = model(x, x)
+    assert torch.isfinite(measured.penalty) and len(measured.margins) == 2
+    torch.testing.assert_close(measured.loss, measured.ce)  # weight 0 adds nothing
+    assert not barrier_ops.get_handle(model).enabled and model(x, x).penalty is None
 
 
 @pytest.fixture
@@ -222,3 +234,61 @@ def test_cli_set_overrides(tmp_path):
     args = build_parser().parse_args(["--config", str(cfg_file), "--set", "barrier.coupling"])
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
         overrides_from_args(args)
+
+
+def test_coupling_name_alias_and_target_margin_config(tmp_path):
+    cfg = from_dict({"barrier": {"coupling": "exact"}})  # the old experiment name of attach's "weights"
+    assert cfg.barrier.coupling == "weights" and cfg.barrier.target_margin is None and cfg.variant == "ce"
+    with pytest.raises(ConfigError, match="'weights'.*old name 'exact'"):
+        from_dict({"barrier": {"coupling": "exactly"}})
+    with pytest.raises(ConfigError, match="target_margin"):
+        from_dict({"barrier": {"target_margin": 0.001}})
+    cfg = from_dict({"barrier": {"target_margin": 2.0}, "train": {"lambda": 0.1}})
+    assert cfg.variant == "target2"
+    model = CharGPT(11, ModelConfig(**TINY_MODEL))
+    handle = attach_barrier(model, cfg.barrier, 0.1)
+    assert handle.target_margin == 2.0 and handle.coupling == "weights"
+    barrier_ops.detach(model)
+    assert barrier_ops.get_handle(model) is None and model(torch.zeros(1, 4, dtype=torch.long)).penalty is None
+
+
+def test_grid_plan_order_and_run_names(tmp_path):
+    from barrier_ops.experiments.train import run_dir_name
+
+    cfg = from_dict({"sweep": {"seeds": [0, 1], "grid": [
+        {"variant": "paper", "lambdas": [0.05, 0.01]},
+        {"variant": "target2", "target_margin": 2.0, "lambdas": [0.05, 0.3, 0.1]},
+        {"variant": "ce", "lambdas": [0.0]},
+    ]}})
+    runs = sweep_mod.plan_runs(cfg)
+    pairs = [(r.variant, r.lam) for r in runs[::2]]
+    assert pairs == [("ce", 0.0), ("paper", 0.05), ("target2", 0.05), ("paper", 0.01), ("target2", 0.3),
+                     ("target2", 0.1)]  # CE first, then lambdas interleaved by their position in the lists
+    assert [r.seed for r in runs[:4]] == [0, 1, 0, 1]
+    assert runs[0].target_margin is None and runs[4].target_margin == 2.0
+    assert [r.dir_name for r in runs[:5:2]] == ["lam0_seed0", "lam0.05_seed0", "tm2_lam0.05_seed0"]
+    assert run_dir_name(0.0, 3, 2.0) == "lam0_seed3"
+    only = sweep_mod.plan_runs(cfg, lambdas=[0.05], seeds=[1], variants=["target2"])
+    assert [(r.variant, r.lam, r.seed) for r in only] == [("target2", 0.05, 1)]
+    with pytest.raises(ConfigError, match="grid"):
+        from_dict({"sweep": {"grid": [{"variant": "paper", "lambdas": []}]}})
+
+
+def test_relative_sigmas_and_margin_summary(one_thread):
+    from barrier_ops.experiments.evaluate import HIST_EDGES, embedding_rms, margin_summary
+
+    model = _model(lam=0.05, target_margin=2.0)
+    data = torch.randint(0, 11, (500,))
+    kw = dict(n_batches=1, batch_size=4, device=torch.device("cpu"))
+    res = noise_eval(model, data, sigmas=[0.0, 0.1], rel_sigmas=[0.5], draws=1, seed=3, **kw)
+    rms = embedding_rms(model)
+    assert 0.015 < rms < 0.025  # init std 0.02
+    assert res["r0.5"]["sigma"] == pytest.approx(0.5 * rms) and res["0.1"]["sigma"] == 0.1
+    assert res["r0.5"]["bpc"] == evaluate_split(model, data, sigma=0.5 * rms, seed=3000, **kw)["bpc"]
+    m = torch.tensor([0.0005, 0.5, 0.9, 1.5, 3.0, 2e4])
+    s = margin_summary([m], [torch.tensor([0, 0, 5])], 8, target_margin=2.0)["layers"][0]
+    assert s["hist_below"] == 1 and s["hist_above"] == 1 and sum(s["hist_counts"]) == 4
+    assert len(s["hist_counts"]) == len(HIST_EDGES) - 1
+    assert s["active_frac"] == pytest.approx(4 / 6) and s["frac_below_1"] == pytest.approx(3 / 6)
+    assert s["support_pos0_frac"] == pytest.approx(2 / 3) and s["min"] == pytest.approx(0.0005)
+    assert margin_summary([m], [torch.tensor([1])], 8)["layers"][0]["active_frac"] == 1.0  # -log m: every token

@@ -29,11 +29,18 @@ class ModelConfig:
     bias: bool = False
 
 
+COUPLING_ALIASES = {"exact": "weights"}  # the experiment configs' old name for attach's coupling="weights"
+
+
 @dataclass
 class BarrierConfig:
-    coupling: str = "exact"  # "exact": A_h = W_Q^h W_O^h of the layer; "identity": A_h = I
+    coupling: str = "weights"  # "weights": A_h = W_Q^h W_O^h of the layer (old name "exact"); "identity": A_h = I
     combine_heads: bool = True  # layer margin 1 - sum_h kappa_h (trace of the layer's diagonal block)
     eps: float = 0.01
+    target_margin: Optional[float] = None  # None: the paper's barrier -log m; m0 > eps: the hinge psi_m0 (spec)
+
+    def __post_init__(self):
+        self.coupling = COUPLING_ALIASES.get(self.coupling, self.coupling)
 
 
 @dataclass
@@ -59,6 +66,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     sigmas: List[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    # sigma = r * RMS(token embedding weights) of the model evaluated (its own scale), reported as "r<r>"
+    rel_sigmas: List[float] = field(default_factory=list)
     draws: int = 3
     batches: int = 32
     batch_size: int = 32
@@ -66,9 +75,20 @@ class EvalConfig:
 
 
 @dataclass
+class GridEntry:
+    """One variant of a v2 sweep: a barrier (target margin or none) over several lambdas."""
+
+    variant: str = "paper"  # a label for tables and plots: "ce", "paper", "target2", ...
+    target_margin: Optional[float] = None
+    lambdas: List[float] = field(default_factory=list)
+
+
+@dataclass
 class SweepConfig:
     lambdas: List[float] = field(default_factory=lambda: [0.0, 0.005, 0.01, 0.02, 0.05, 0.1])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # v2: when set, the runs are the (variant, lambda) pairs of the grid (lambda 0 = CE) x seeds; `lambdas` is unused
+    grid: List[GridEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -85,8 +105,19 @@ class ExperimentConfig:
     def mode(self) -> str:
         return "barrier" if self.train.lam > 0 else "ce"
 
+    @property
+    def variant(self) -> str:
+        """"ce" (lambda 0), "paper" (-log m) or "target<m0>" (the target-margin hinge)."""
+        return variant_name(self.train.lam, self.barrier.target_margin)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def variant_name(lam: float, target_margin: Optional[float]) -> str:
+    if lam == 0:
+        return "ce"
+    return "paper" if target_margin is None else f"target{target_margin:g}"
 
 
 _YAML_ALIASES = {("train", "lambda"): "lam"}  # `lambda` is a Python keyword
@@ -100,6 +131,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         (inner,) = typ.__args__
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if dataclasses.is_dataclass(inner):
+            return [_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is not None and type(None) in getattr(typ, "__args__", ()):  # Optional[X]
         if value is None:
@@ -162,8 +195,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd must be a positive multiple of model.n_head"),
         (m.block_size >= 2, "model.block_size must be >= 2"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (b.coupling in ("exact", "identity"), f"barrier.coupling must be 'exact' or 'identity', got {b.coupling!r}"),
+        (b.coupling in ("weights", "identity"),
+         f"barrier.coupling must be 'weights' (A_h = W_Q^h W_O^h; old name 'exact') or 'identity', got {b.coupling!r}"),
         (b.eps > 0, "barrier.eps must be > 0"),
+        (b.target_margin is None or b.target_margin > b.eps,
+         f"barrier.target_margin must be null (the paper's barrier) or > barrier.eps, got {b.target_margin}"),
+        (all(r > 0 for r in e.rel_sigmas), "eval.rel_sigmas must be > 0"),
+        (all(g.lambdas and all(lam >= 0 for lam in g.lambdas) for g in cfg.sweep.grid),
+         "every sweep.grid entry needs lambdas >= 0"),
+        (all(g.target_margin is None or g.target_margin > b.eps for g in cfg.sweep.grid),
+         "sweep.grid target_margin must be null or > barrier.eps"),
         (t.lam >= 0, f"train.lambda must be >= 0, got {t.lam}"),
         (t.steps >= 1, "train.steps must be >= 1"),
         (t.epochs is None or t.epochs > 0, "train.epochs must be > 0 when set"),

@@ -11,6 +11,7 @@ import torch
 import barrier_ops
 
 from .data import eval_batches
+from .model import barrier_off, measuring
 
 LN2 = math.log(2.0)
 
@@ -59,11 +60,14 @@ def evaluate_split(
     margins: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
     support: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
     batches = eval_batches(data, n_batches, batch_size, block)
-    for x, y in _progress(batches, progress, desc, total=n_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, bf16):
-            out = model(x, y, want_penalty=with_penalty, want_margins=with_margins,
-                        noise_sigma=sigma, noise_generator=gen)
+    measure = measuring(model, margins=with_margins) if with_penalty or with_margins else barrier_off(model)
+    with measure:
+        outs = []
+        for x, y in _progress(batches, progress, desc, total=n_batches):
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, bf16):
+                outs.append(model(x, y, noise_sigma=sigma, noise_generator=gen))
+    for out in outs:
         total_ce += float(out.ce)
         if with_penalty:
             total_pen += float(out.penalty)
@@ -84,46 +88,77 @@ def evaluate_split(
     return result
 
 
+# Fixed, log-spaced histogram edges shared by every run (margins from 1e-3 to 1e4), plus under/overflow
+# counts: histograms of different runs are comparable and a reader can see margins of 0.8 and of 800.
+HIST_EDGES = [10 ** (-3 + 0.1 * i) for i in range(71)]
+THRESHOLDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
 def margin_summary(margins: Sequence[torch.Tensor], support_pos: Sequence[torch.Tensor], block_size: int,
-                   bins: int = 40) -> Dict:
-    """Per-layer mean/min/quantiles and histograms of margins and support-token positions."""
+                   target_margin: Optional[float] = None, bins: int = 40) -> Dict:
+    """Per-layer statistics of the margins of every valid token and of the support-token positions.
+
+    mean/min/max, quantiles ``q<p>``, fractions below thresholds ``frac_below_<x>``,
+    ``active_frac`` (tokens where the barrier has a nonzero gradient: margin < m0 for the
+    target-margin barrier, every token for the paper's -log m), a histogram on the fixed
+    log-spaced ``HIST_EDGES`` (``hist_below`` counts margins < 1e-3, non-positive included;
+    ``hist_above`` > 1e4), and support-token positions (``support_pos_counts``, mean, and the
+    fraction at position 0).
+    """
     layers = []
+    edges = torch.tensor(HIST_EDGES, dtype=torch.float64)
     for m, pos in zip(margins, support_pos):
         m = m.double()
-        lo, hi = float(m.min()), float(m.max())
-        if hi <= lo:
-            hi = lo + 1e-6
-        counts = torch.histc(m, bins=bins, min=lo, max=hi)
+        sample = m[: 1 << 22]
+        qs = torch.quantile(sample, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        idx = torch.bucketize(m, edges, right=True)  # 0: below edges[0]; len(edges): >= edges[-1]
+        counts = torch.bincount(idx, minlength=len(HIST_EDGES) + 1)
         pos_counts = torch.bincount(pos.clamp(min=0), minlength=block_size)
-        layers.append({
+        layer = {
             "mean": float(m.mean()),
-            "min": lo,
+            "min": float(m.min()),
             "max": float(m.max()),
-            "q01": float(torch.quantile(m[: 1 << 20], 0.01)),
             "median": float(m.median()),
-            "frac_below_0.1": float((m < 0.1).double().mean()),
-            "hist_edges": torch.linspace(lo, hi, bins + 1).tolist(),
-            "hist_counts": counts.long().tolist(),
+            **{f"q{p:g}": q for p, q in zip(QUANTILES, qs)},
+            **{f"frac_below_{x:g}": float((m < x).double().mean()) for x in THRESHOLDS},
+            "active_frac": 1.0 if target_margin is None else float((m < target_margin).double().mean()),
+            "hist_edges": HIST_EDGES,
+            "hist_counts": counts[1:len(HIST_EDGES)].tolist(),
+            "hist_below": int(counts[0]),
+            "hist_above": int(counts[len(HIST_EDGES)]),
             "support_pos_counts": pos_counts.tolist(),
             "support_pos_mean": float(pos.double().mean()),
-        })
+            "support_pos0_frac": float((pos == 0).double().mean()),
+        }
+        layers.append(layer)
     return {"layers": layers}
+
+
+def embedding_rms(model) -> float:
+    """RMS over all entries of the token embedding table (the scale the embedding noise is added to)."""
+    w = model.tok_emb.weight.detach().double()
+    return float(w.pow(2).mean().sqrt())
 
 
 def noise_eval(model, data: torch.Tensor, *, sigmas: Sequence[float], draws: int, n_batches: int,
                batch_size: int, device: torch.device, bf16: bool = True, seed: int = 0,
-               progress: bool = False) -> Dict[str, Dict]:
+               progress: bool = False, rel_sigmas: Sequence[float] = ()) -> Dict[str, Dict]:
     """BPC under N(0, sigma^2) token-embedding noise, averaged over ``draws`` seeded draws.
 
     The ratio is BPC(sigma) / BPC(0) (the paper's "grows to 2.58x"); draws use
-    seeds ``seed * 1000 + draw`` so every model sees the same noise.
+    seeds ``seed * 1000 + draw`` so every model sees the same noise. Keys are
+    ``f"{sigma:g}"`` for the absolute sigmas and ``f"r{r:g}"`` for the relative
+    ones, sigma = r * embedding_rms(model) (each entry records its ``sigma``).
     """
     clean = evaluate_split(model, data, n_batches=n_batches, batch_size=batch_size, device=device,
                            bf16=bf16, sigma=0.0)["bpc"]
+    rms = embedding_rms(model)
+    todo = [(f"{s:g}", s) for s in sigmas] + [(f"r{r:g}", r * rms) for r in rel_sigmas]
     results = {}
-    for sigma in _progress(list(sigmas), progress, "noise eval"):
+    for key, sigma in _progress(todo, progress, "noise eval"):
         if sigma == 0:
-            results[f"{sigma:g}"] = {"bpc": clean, "bpc_draw_std": 0.0, "ratio": 1.0}
+            results[key] = {"bpc": clean, "bpc_draw_std": 0.0, "ratio": 1.0, "sigma": 0.0}
             continue
         vals = [
             evaluate_split(model, data, n_batches=n_batches, batch_size=batch_size, device=device, bf16=bf16,
@@ -132,5 +167,5 @@ def noise_eval(model, data: torch.Tensor, *, sigmas: Sequence[float], draws: int
         ]
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
-        results[f"{sigma:g}"] = {"bpc": mean, "bpc_draw_std": std, "ratio": mean / clean}
+        results[key] = {"bpc": mean, "bpc_draw_std": std, "ratio": mean / clean, "sigma": sigma}
     return results

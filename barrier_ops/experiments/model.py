@@ -1,22 +1,27 @@
-"""A small pre-LN nanoGPT-style character GPT whose attention layers also compute the margin barrier.
+"""A small pre-LN nanoGPT-style character GPT, regularised through ``barrier_ops.attach``.
 
-Each layer's attention output goes through ``F.scaled_dot_product_attention``;
-the barrier is ``barrier_ops.margin_barrier_loss`` on the *same* q, k, v, so the
-penalty is exactly about the attention the model uses. The model's penalty is
-the mean over layers, and the paper's "margin" objective is
-``ce + lambda_m * penalty``.
+Each layer's attention output goes through ``F.scaled_dot_product_attention``
+and hands the *same* q, k, v to the attached barrier
+(:func:`barrier_ops.integrations.chargpt.record_qkv`; a no-op when nothing is
+attached). The model itself knows nothing about couplings or barrier ops:
+:func:`attach_barrier` attaches the product (``barrier_ops.attach``) with the
+experiment's options, the handle adds ``lambda_m * mean_l barrier_l`` to
+``ModelOutput.loss`` and fills ``ModelOutput.penalty`` (and ``margins`` when
+asked for), so the paper's "margin" objective is ``out.loss``.
 
-Coupling (``barrier.coupling``):
-    "exact" (default): A_h = W_Q^h W_O^h, the map through which a change in
-        head h's output moves the residual stream and then that head's query
-        (LayerNorm in between is ignored), so kappa is the trace of the layer's
-        diagonal Jacobian block. Gradients flow into W_Q and W_O through A_h.
+Coupling (``barrier.coupling``, the names of ``barrier_ops.attach``):
+    "weights" (default; the old config name "exact" is accepted as an alias):
+        A_h = W_Q^h W_O^h, the map through which a change in head h's output
+        moves the residual stream and then that head's query (LayerNorm in
+        between is ignored), so kappa is the trace of the layer's diagonal
+        Jacobian block. Gradients flow into W_Q and W_O through A_h.
     "identity": A_h = I (needs head_dim == value dim, true here): a cheaper
         proxy that only sees q, k, v.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -26,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import barrier_ops
+from barrier_ops.integrations.chargpt import record_qkv
 
 from .config import BarrierConfig, ModelConfig
 
@@ -34,12 +40,15 @@ from .config import BarrierConfig, ModelConfig
 class ModelOutput:
     logits: torch.Tensor
     ce: Optional[torch.Tensor]  # mean next-char cross-entropy in nats (None without targets)
-    penalty: Optional[torch.Tensor]  # mean over layers of the mean barrier (None unless requested)
-    margins: Optional[List[torch.Tensor]] = None  # per layer [B, T] or [B, H, T] (only if requested)
+    loss: Optional[torch.Tensor] = None  # ce, plus lambda_m * penalty when a barrier is attached and enabled
+    penalty: Optional[torch.Tensor] = None  # mean over layers of the mean barrier (detached; None if not computed)
+    margins: Optional[List[torch.Tensor]] = None  # per layer [B, T] or [B, H, T] (handle.keep_margins only)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, barrier: BarrierConfig):
+    barrier_ops_adapter = "chargpt"  # barrier_ops.attach finds this layer and its q_proj / o_proj
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -48,18 +57,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.barrier = barrier
 
-    def coupling(self) -> Optional[torch.Tensor]:
-        """[H, d, d] exact couplings A_h = W_Q^h W_O^h, or None for the identity."""
-        if self.barrier.coupling == "identity":
-            return None
-        H, d = self.n_head, self.head_dim
-        wq = self.q_proj.weight.view(H, d, H * d)  # rows of head h: W_Q^h is d x D
-        wo = self.o_proj.weight.view(H * d, H, d).transpose(0, 1)  # columns of head h: W_O^h is D x d
-        return torch.bmm(wq, wo).float()
-
-    def forward(self, x: torch.Tensor, want_penalty: bool, want_margins: bool):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         H, d = self.n_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, d).transpose(1, 2)
@@ -68,27 +67,16 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        y = self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-        penalty = margins = None
-        if want_penalty or want_margins:
-            A = self.coupling()
-            # The barrier ops compute in fp32; under bf16 autocast q, k, v arrive in bf16.
-            qf, kf, vf = q.float(), k.float(), v.float()
-            kw = dict(coupling=A, causal=True, combine_heads=self.barrier.combine_heads)
-            if want_penalty:
-                penalty = barrier_ops.margin_barrier_loss(qf, kf, vf, eps=self.barrier.eps, **kw)
-            if want_margins:
-                with torch.no_grad():
-                    margins = barrier_ops.token_margins(qf.detach(), kf.detach(), vf.detach(),
-                                                        **{**kw, "coupling": None if A is None else A.detach()})
-        return y, penalty, margins
+        # The barrier ops compute in fp32; under bf16 autocast q, k, v arrive in bf16.
+        record_qkv(self, q.float(), k.float(), v.float(), causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, barrier: BarrierConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, barrier)
+        self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias),
@@ -97,21 +85,19 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x, want_penalty: bool, want_margins: bool):
-        a, penalty, margins = self.attn(self.ln1(x), want_penalty, want_margins)
-        x = x + a
-        x = x + self.mlp(self.ln2(x))
-        return x, penalty, margins
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
 
 
 class CharGPT(nn.Module):
-    def __init__(self, vocab_size: int, cfg: ModelConfig, barrier: Optional[BarrierConfig] = None):
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, barrier or BarrierConfig()) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying, as in nanoGPT
@@ -134,8 +120,6 @@ class CharGPT(nn.Module):
         idx: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
         *,
-        want_penalty: bool = False,
-        want_margins: bool = False,
         noise_sigma: float = 0.0,
         noise_generator: Optional[torch.Generator] = None,
     ) -> ModelOutput:
@@ -153,26 +137,70 @@ class CharGPT(nn.Module):
             noise = torch.randn(tok.shape, generator=noise_generator, device=tok.device, dtype=torch.float32)
             tok = tok + noise_sigma * noise.to(tok.dtype)
         x = self.drop(tok + self.pos_emb(torch.arange(T, device=idx.device)))
-        penalties, margins = [], []
         for block in self.blocks:
-            x, p, m = block(x, want_penalty, want_margins)
-            penalties.append(p)
-            margins.append(m)
+            x = block(x)
         logits = self.head(self.ln_f(x))
         ce = None
         if targets is not None:
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        penalty = torch.stack(penalties).mean() if want_penalty else None
-        return ModelOutput(logits, ce, penalty, margins if want_margins else None)
+        return ModelOutput(logits, ce, loss=ce)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
+def attach_barrier(model: CharGPT, barrier: BarrierConfig, lam: float) -> "barrier_ops.BarrierHandle":
+    """``barrier_ops.attach`` with the experiment's options; the handle's weight is lambda_m.
+
+    lambda_m = 0 ("ce" mode) attaches with weight 0 and the handle disabled:
+    training never pays for the barrier, evaluation enables it to measure the
+    penalty and the margins of the plain CE model.
+    """
+    handle = barrier_ops.attach(
+        model, weight=lam, coupling=barrier.coupling, combine_heads=barrier.combine_heads, eps=barrier.eps,
+        target_margin=barrier.target_margin, causal=True,
+    )
+    handle.enabled = lam > 0
+    return handle
+
+
+@contextlib.contextmanager
+def measuring(model: nn.Module, margins: bool = True):
+    """Enable the attached barrier (and keep every token's margin) inside the block; restores the handle."""
+    handle = barrier_ops.get_handle(model)
+    if handle is None:
+        raise ValueError("the model has no barrier attached (experiments.model.attach_barrier)")
+    enabled, keep = handle.enabled, handle.keep_margins
+    handle.enabled, handle.keep_margins = True, margins
+    try:
+        yield handle
+    finally:
+        handle.enabled, handle.keep_margins = enabled, keep
+
+
+@contextlib.contextmanager
+def barrier_off(model: nn.Module):
+    """Skip the attached barrier (if any) inside the block, e.g. for plain BPC evaluation."""
+    handle = barrier_ops.get_handle(model)
+    if handle is None:
+        yield None
+        return
+    enabled = handle.enabled
+    handle.enabled = False
+    try:
+        yield handle
+    finally:
+        handle.enabled = enabled
+
+
 def training_loss(out: ModelOutput, lam: float) -> torch.Tensor:
-    """The paper's objective: CE (lambda = 0, "ce" mode) or CE + lambda_m * penalty ("margin" mode)."""
+    """The paper's objective: CE (lambda = 0, "ce" mode) or CE + lambda_m * penalty ("margin" mode).
+
+    The attached handle already added ``lambda_m * penalty`` to ``out.loss``;
+    this checks that it did when lambda_m > 0.
+    """
     if lam == 0:
         return out.ce
     if out.penalty is None:
-        raise ValueError("lambda > 0 needs the forward pass to run with want_penalty=True")
-    return out.ce + lam * out.penalty
+        raise ValueError("lambda > 0 needs a barrier attached and enabled (experiments.model.attach_barrier)")
+    return out.loss

@@ -20,41 +20,91 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .config import ExperimentConfig, load_config
+from dataclasses import dataclass
+
+from .config import ExperimentConfig, load_config, variant_name
 from .train import run_dir_name, train
 
 
-def summary_path(root: str, lam: float, seed: int) -> str:
-    return os.path.join(root, run_dir_name(lam, seed), "summary.json")
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    lam: float
+    target_margin: Optional[float]
+    seed: int
+
+    @property
+    def dir_name(self) -> str:
+        return run_dir_name(self.lam, self.seed, self.target_margin)
 
 
-def is_done(root: str, lam: float, seed: int) -> bool:
-    return os.path.isfile(summary_path(root, lam, seed))
+def summary_path(root: str, lam: float, seed: int, target_margin: Optional[float] = None) -> str:
+    return os.path.join(root, run_dir_name(lam, seed, target_margin), "summary.json")
+
+
+def is_done(root: str, lam: float, seed: int, target_margin: Optional[float] = None) -> bool:
+    return os.path.isfile(summary_path(root, lam, seed, target_margin))
+
+
+def plan_runs(cfg: ExperimentConfig, lambdas: Optional[Sequence[float]] = None,
+              seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None) -> List[Run]:
+    """The runs of a sweep, in the order they are trained.
+
+    Without ``sweep.grid`` (v1): lambda x seed with the config's barrier (``barrier.target_margin``).
+    With a grid (v2): CE once (any lambda 0 in the grid), then the grid's lambdas interleaved across
+    variants by their position in each list (so list lambdas by priority: the first ones of every
+    variant are trained first), every seed of one (variant, lambda) before the next. ``lambdas``
+    and ``variants`` filter the grid.
+    """
+    seeds = list(cfg.sweep.seeds if seeds is None else seeds)
+    if not cfg.sweep.grid:
+        lambdas = list(cfg.sweep.lambdas if lambdas is None else lambdas)
+        m0 = cfg.barrier.target_margin
+        return [Run(variant_name(lam, m0), float(lam), None if lam == 0 else m0, int(seed))
+                for lam in lambdas for seed in seeds]
+    pairs, seen = [], set()
+    depth = max(len(g.lambdas) for g in cfg.sweep.grid)
+    for i in range(depth):
+        for g in cfg.sweep.grid:
+            if i >= len(g.lambdas):
+                continue
+            lam = float(g.lambdas[i])
+            m0 = None if lam == 0 else g.target_margin
+            name = variant_name(lam, m0)
+            if lambdas is not None and not any(abs(lam - x) < 1e-12 for x in lambdas):
+                continue
+            if variants is not None and name not in variants:
+                continue
+            if (name, lam) not in seen:
+                seen.add((name, lam))
+                pairs.append((name, lam, m0))
+    pairs.sort(key=lambda p: p[1] != 0)  # CE first
+    return [Run(name, lam, m0, int(seed)) for name, lam, m0 in pairs for seed in seeds]
 
 
 def _run_one(args) -> str:
-    cfg, root, lam, seed, progress = args
+    cfg, root, run, progress = args
     cfg = copy.deepcopy(cfg)
-    cfg.train.lam, cfg.train.seed = float(lam), int(seed)
-    out = os.path.join(root, run_dir_name(lam, seed))
+    cfg.train.lam, cfg.train.seed = run.lam, run.seed
+    cfg.barrier.target_margin = run.target_margin
+    out = os.path.join(root, run.dir_name)
     train(cfg, out, progress=progress)
     return out
 
 
 def run_sweep(cfg: ExperimentConfig, root: str, lambdas: Optional[Sequence[float]] = None,
               seeds: Optional[Sequence[int]] = None, jobs: int = 1, progress: bool = True,
-              csv_path: Optional[str] = None, log=print) -> List[Dict]:
-    """Train every missing (lambda, seed) run under ``root`` and write the CSV; returns its rows."""
-    lambdas = list(cfg.sweep.lambdas if lambdas is None else lambdas)
-    seeds = list(cfg.sweep.seeds if seeds is None else seeds)
+              csv_path: Optional[str] = None, log=print, variants: Optional[Sequence[str]] = None) -> List[Dict]:
+    """Train every missing run of :func:`plan_runs` under ``root`` and write the CSV; returns its rows."""
+    runs = plan_runs(cfg, lambdas, seeds, variants)
     todo, skipped = [], 0
-    for lam in lambdas:
-        for seed in seeds:
-            if is_done(root, lam, seed):
-                skipped += 1
-            else:
-                todo.append((cfg, root, lam, seed, progress and jobs == 1))
-    log(f"sweep {cfg.name}: {len(lambdas) * len(seeds)} runs, {skipped} already finished, {len(todo)} to train")
+    for run in runs:
+        if os.path.isfile(os.path.join(root, run.dir_name, "summary.json")):
+            skipped += 1
+        else:
+            # Parallel workers share stderr: progress lines (log files) are fine, interleaved bars are not.
+            todo.append((cfg, root, run, progress and (jobs == 1 or not sys.stderr.isatty())))
+    log(f"sweep {cfg.name}: {len(runs)} runs, {skipped} already finished, {len(todo)} to train")
     if jobs > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             for out in pool.imap_unordered(_run_one, todo):
@@ -62,48 +112,75 @@ def run_sweep(cfg: ExperimentConfig, root: str, lambdas: Optional[Sequence[float
     else:
         for item in todo:
             log(f"  finished {_run_one(item)}")
-    rows = collect(root, lambdas, seeds)
+    rows = collect(root, runs)
     write_csv(rows, csv_path or os.path.join(root, "results.csv"))
     return rows
 
 
 def summary_row(s: Dict) -> Dict:
+    lam = float(s["lambda"])
+    m0 = s.get("target_margin")
     row = {
-        "lambda": s["lambda"], "seed": s["seed"], "mode": s["mode"], "steps": s["steps"],
-        "params": s["params"], "device": s["device"], "eval_split": s["eval_split"],
-        "bpc": s["bpc"], "test_bpc": s["test_bpc"], "penalty": s["penalty"],
+        "variant": s.get("variant") or variant_name(lam, m0), "lambda": s["lambda"],
+        "target_margin": "" if m0 is None else m0, "seed": s["seed"], "mode": s["mode"], "steps": s["steps"],
+        "epochs": s.get("epochs", ""), "params": s["params"], "device": s["device"], "eval_split": s["eval_split"],
+        "bpc": s["bpc"], "test_bpc": s["test_bpc"], "penalty": s["penalty"], "emb_rms": s.get("emb_rms", ""),
     }
-    for sigma, r in s["noise"].items():
-        row[f"bpc_sigma{sigma}"] = r["bpc"]
-        row[f"ratio_sigma{sigma}"] = r["ratio"]
+    for key, r in s["noise"].items():
+        tag = key if not key.startswith("r") else "_" + key
+        row[f"bpc_sigma{tag}"] = r["bpc"]
+        row[f"ratio_sigma{tag}"] = r["ratio"]
+        if key.startswith("r"):
+            row[f"sigma{tag}"] = r["sigma"]
     for i, layer in enumerate(s["margins"]["layers"]):
         row[f"margin_mean_l{i}"] = layer["mean"]
         row[f"margin_min_l{i}"] = layer["min"]
+        for k in ("q0.01", "median", "q0.99", "active_frac", "support_pos0_frac"):
+            if k in layer:
+                row[f"margin_{k}_l{i}" if k.startswith("q") or k == "median" else f"{k}_l{i}"] = layer[k]
         row[f"support_pos_mean_l{i}"] = layer["support_pos_mean"]
     row["train_seconds"] = s["train_seconds"]
     return row
 
 
-def collect(root: str, lambdas: Sequence[float], seeds: Sequence[int]) -> List[Dict]:
+VARIANT_ORDER = {"ce": 0, "paper": 1}
+
+
+def variant_sort_key(variant: str):
+    if variant in VARIANT_ORDER:
+        return (VARIANT_ORDER[variant], 0.0)
+    tail = variant[len("target"):] if variant.startswith("target") else ""
+    try:
+        return (2, float(tail))
+    except ValueError:
+        return (3, variant)
+
+
+def _row_key(r: Dict):
+    return (variant_sort_key(str(r.get("variant") or "")), float(r["lambda"]), int(r["seed"]))
+
+
+def collect(root: str, runs: Sequence[Run]) -> List[Dict]:
     rows = []
-    for lam in lambdas:
-        for seed in seeds:
-            p = summary_path(root, lam, seed)
-            if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    rows.append(summary_row(json.load(f)))
-    return rows
+    for run in runs:
+        p = os.path.join(root, run.dir_name, "summary.json")
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                rows.append(summary_row(json.load(f)))
+    return sorted(rows, key=_row_key)
 
 
 def collect_all(root: str) -> List[Dict]:
-    """Rows of every finished run under ``root``, sorted by (lambda, seed)."""
+    """Rows of every finished run under ``root``, sorted by (variant, lambda, seed)."""
     rows = []
     for name in sorted(os.listdir(root)):
         p = os.path.join(root, name, "summary.json")
-        if name.startswith("lam") and os.path.isfile(p):
+        if os.path.isfile(p):
             with open(p, encoding="utf-8") as f:
-                rows.append(summary_row(json.load(f)))
-    return sorted(rows, key=lambda r: (float(r["lambda"]), int(r["seed"])))
+                row = summary_row(json.load(f))
+            row["run"] = name
+            rows.append(row)
+    return sorted(rows, key=_row_key)
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
@@ -133,12 +210,21 @@ def read_csv(path: str) -> List[Dict]:
     return rows
 
 
+def row_variant(r: Dict) -> str:
+    v = r.get("variant")
+    if v not in (None, ""):
+        return str(v)
+    return "ce" if float(r["lambda"]) == 0 else "paper"  # v1 CSVs have no variant column
+
+
 def aggregate(rows: List[Dict], keys: Sequence[str]) -> List[Dict]:
-    """Mean and sample std over seeds for each lambda: {"lambda", "n", key: mean, key+"_std": std}."""
+    """Mean and sample std over seeds per (variant, lambda): {"variant", "lambda", "n", key, key+"_std"}."""
     out = []
-    for lam in sorted({float(r["lambda"]) for r in rows}):
-        group = [r for r in rows if float(r["lambda"]) == lam]
-        agg = {"lambda": lam, "n": len(group)}
+    groups = sorted({(row_variant(r), float(r["lambda"])) for r in rows},
+                    key=lambda g: (variant_sort_key(g[0]), g[1]))
+    for variant, lam in groups:
+        group = [r for r in rows if row_variant(r) == variant and float(r["lambda"]) == lam]
+        agg = {"variant": variant, "lambda": lam, "n": len(group)}
         for k in keys:
             vals = [float(r[k]) for r in group if r.get(k) not in (None, "")]
             if not vals:
@@ -150,19 +236,38 @@ def aggregate(rows: List[Dict], keys: Sequence[str]) -> List[Dict]:
     return out
 
 
-def format_table(rows: List[Dict], sigma: str = "0.5") -> str:
-    """Markdown table, mean +- std over seeds per lambda (clean, noisy and test BPC, min margin)."""
-    keys = ["bpc", f"bpc_sigma{sigma}", f"ratio_sigma{sigma}", "test_bpc"]
-    agg = aggregate(rows, keys)
+def format_table(rows: List[Dict], sigma: str = "0.5", sigmas: Optional[Sequence[str]] = None) -> str:
+    """Markdown table, mean +- std over seeds per (variant, lambda): clean, noisy and test BPC.
+
+    ``sigmas``: the noise columns (keys as in the CSV: "0.05", "_r0.25", ...); default ``[sigma]``
+    plus its ratio column (the v1 layout).
+    """
+    if sigmas is None:
+        keys = ["bpc", f"bpc_sigma{sigma}", f"ratio_sigma{sigma}", "test_bpc"]
+        heads = ["val BPC", f"BPC at sigma={sigma}", f"BPC(sigma={sigma})/BPC(0)", "test BPC"]
+    else:
+        keys = ["bpc"] + [f"bpc_sigma{s}" for s in sigmas] + ["test_bpc"]
+        heads = ["val BPC"] + [_sigma_label(s) for s in sigmas] + ["test BPC"]
+    agg = aggregate(rows, keys + ["margin_min_l0", "margin_mean_l0"])
     ce = next((a for a in agg if a["lambda"] == 0), None)
-    lines = [f"| lambda_m | seeds | val BPC | vs CE | BPC at sigma={sigma} | BPC(sigma={sigma})/BPC(0) | test BPC |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | lambda_m | seeds | " + heads[0] + " | vs CE | " + " | ".join(heads[1:]) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(heads) - 1)]
     for a in agg:
         rel = f"{100 * (a['bpc'] / ce['bpc'] - 1):+.2f}%" if ce else "n/a"
-        cells = [f"{a[k]:.4f} +- {a[k + '_std']:.4f}" if not k.startswith("ratio") else
+        cells = [("n/a" if k not in a else f"{a[k]:.4f} +- {a[k + '_std']:.4f}") if not k.startswith("ratio") else
                  f"{a[k]:.3f} +- {a[k + '_std']:.3f}" for k in keys]
-        lines.append(f"| {a['lambda']:g} | {a['n']} | {cells[0]} | {rel} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        lines.append(f"| {a['variant']} | {a['lambda']:g} | {a['n']} | {cells[0]} | {rel} | "
+                     + " | ".join(cells[1:]) + " |")
     return "\n".join(lines)
+
+
+def table_sigmas(cfg: ExperimentConfig) -> List[str]:
+    """CSV keys of the noise columns worth a table: every absolute sigma > 0, then the relative ones."""
+    return [f"{x:g}" for x in cfg.eval.sigmas if x > 0] + [f"_r{r:g}" for r in cfg.eval.rel_sigmas]
+
+
+def _sigma_label(key: str) -> str:
+    return f"BPC at sigma={key[2:]} RMS" if key.startswith("_r") else f"BPC at sigma={key}"
 
 
 def main(argv=None) -> None:
@@ -170,6 +275,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--data", default=None)
     p.add_argument("--lambdas", type=float, nargs="+", default=None)
+    p.add_argument("--variants", nargs="+", default=None, help="v2 grid: only these variants (ce, paper, target2, ...)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes (each uses train.threads)")
@@ -180,8 +286,8 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, {"data.path": args.data, "train.steps": args.steps})
     root = args.root or os.path.join("runs", cfg.name)
     rows = run_sweep(cfg, root, args.lambdas, args.seeds, jobs=args.jobs, progress=not args.no_progress,
-                     csv_path=args.csv)
-    print(format_table(rows))
+                     csv_path=args.csv, variants=args.variants)
+    print(format_table(rows, sigmas=table_sigmas(cfg)))
     sys.stdout.flush()
 
 

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -24,8 +25,8 @@ import torch
 
 from .config import ExperimentConfig, load_config
 from .data import CharData, build_data, load_splits, random_batch
-from .evaluate import autocast_context, evaluate_split, margin_summary, noise_eval
-from .model import CharGPT, training_loss
+from .evaluate import autocast_context, embedding_rms, evaluate_split, margin_summary, noise_eval
+from .model import CharGPT, attach_barrier, training_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,7 +113,8 @@ def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.de
     _dump_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     data = get_data(cfg)
-    model = CharGPT(data.vocab.size, cfg.model, cfg.barrier).to(device)
+    model = CharGPT(data.vocab.size, cfg.model).to(device)
+    attach_barrier(model, cfg.barrier, t.lam)  # barrier_ops.attach; disabled while training a CE model
     opt = make_optimizer(model, t)
     steps = total_steps(cfg, data.train.numel())
     gen = torch.Generator().manual_seed(t.seed)
@@ -121,10 +123,13 @@ def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.de
     metrics = open(metrics_path, "w", encoding="utf-8")
     start = time.time()
     bar = range(steps)
-    if progress:
+    label = f"train {cfg.variant} lambda={lam:g} seed={t.seed}"
+    # A progress bar on a terminal; one plain line per evaluation when stderr is a log file.
+    use_bar = progress and _is_tty()
+    if use_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(bar, desc=f"train {cfg.mode} lambda={lam:g} seed={t.seed}", dynamic_ncols=True)
+        bar = tqdm(bar, desc=label, dynamic_ncols=True)
     running = None
     model.train()
     for step in bar:
@@ -134,7 +139,7 @@ def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.de
         x, y = random_batch(data.train, t.batch_size, cfg.model.block_size, gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device, t.bf16):
-            out = model(x, y, want_penalty=lam > 0)  # ce mode never pays for the penalty
+            out = model(x, y)  # the attached handle adds lambda_m * penalty (ce mode: disabled, no cost)
             loss = training_loss(out, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,20 +150,25 @@ def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.de
         if not math.isfinite(lv):
             raise FloatingPointError(f"non-finite training loss {lv} at step {step}")
         running = lv if running is None else 0.95 * running + 0.05 * lv
-        if progress:
+        if use_bar:
             bar.set_postfix(loss=f"{running:.3f}", bpc=f"{out.ce.detach().item() / math.log(2):.3f}")
         if (step + 1) % t.eval_interval == 0 or step + 1 == steps:
             rec = _eval_record(model, data, cfg, device, step + 1, lr, running, time.time() - start)
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
+            if progress and not use_bar:
+                print(f"{label}: step {step + 1}/{steps} loss {running:.3f} val BPC {rec['val_bpc']:.3f} "
+                      f"min margin {min(rec['margin_min']):.3g} ({rec['elapsed_s']:.0f}s)", file=sys.stderr, flush=True)
     metrics.close()
     train_seconds = time.time() - start
 
     torch.save({"model": model.state_dict(), "vocab": data.vocab.chars, "config": cfg.to_dict()},
                os.path.join(out_dir, "model.pt"))
-    summary = final_evaluation(model, data, cfg, device, progress=progress)
+    summary = final_evaluation(model, data, cfg, device, progress=use_bar)
     summary.update({
-        "name": cfg.name, "mode": cfg.mode, "lambda": lam, "seed": t.seed, "steps": steps,
+        "name": cfg.name, "mode": cfg.mode, "variant": cfg.variant, "target_margin": cfg.barrier.target_margin,
+        "lambda": lam, "emb_rms": embedding_rms(model), "epochs": steps * t.batch_size * cfg.model.block_size
+        / data.train.numel(), "seed": t.seed, "steps": steps,
         "params": model.num_params(), "device": str(device), "train_seconds": train_seconds,
         "eval_seconds": time.time() - start - train_seconds,
         "train_chars": data.train.numel(), "vocab_size": data.vocab.size,
@@ -177,7 +187,8 @@ def final_evaluation(model, data: CharData, cfg: ExperimentConfig, device, progr
     kw = dict(n_batches=e.batches, batch_size=e.batch_size, device=device, bf16=t.bf16)
     clean = evaluate_split(model, split, with_penalty=True, with_margins=True, progress=progress,
                            desc=f"eval {e.split}", **kw)
-    noise = noise_eval(model, split, sigmas=e.sigmas, draws=e.draws, seed=t.seed, progress=progress, **kw)
+    noise = noise_eval(model, split, sigmas=e.sigmas, rel_sigmas=e.rel_sigmas, draws=e.draws, seed=t.seed,
+                       progress=progress, **kw)
     test = evaluate_split(model, data.test, **kw)["bpc"]
     return {
         "eval_split": e.split,
@@ -185,7 +196,8 @@ def final_evaluation(model, data: CharData, cfg: ExperimentConfig, device, progr
         "test_bpc": test,
         "penalty": clean["penalty"],
         "noise": noise,
-        "margins": margin_summary(clean["margins"], clean["support_pos"], cfg.model.block_size),
+        "margins": margin_summary(clean["margins"], clean["support_pos"], cfg.model.block_size,
+                                  target_margin=cfg.barrier.target_margin if t.lam > 0 else None),
     }
 
 
@@ -230,17 +242,24 @@ def overrides_from_args(args) -> dict:
             "train.steps": args.steps, "train.device": args.device}
 
 
-def run_dir_name(lam: float, seed: int) -> str:
-    return f"lam{lam:g}_seed{seed}"
+def run_dir_name(lam: float, seed: int, target_margin: Optional[float] = None) -> str:
+    """``lam<lambda>_seed<seed>`` (CE and the paper's barrier), ``tm<m0>_lam<lambda>_seed<seed>`` (target margin m0)."""
+    name = f"lam{lam:g}_seed{seed}"
+    return name if target_margin is None or lam == 0 else f"tm{target_margin:g}_{name}"
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, overrides_from_args(args))
-    out = args.out or os.path.join("runs", cfg.name, run_dir_name(cfg.train.lam, cfg.train.seed))
+    out = args.out or os.path.join("runs", cfg.name, run_dir_name(cfg.train.lam, cfg.train.seed,
+                                                                  cfg.barrier.target_margin))
     s = train(cfg, out, progress=not args.no_progress and cfg.train.progress)
     ratio = s["noise"].get("0.5", {}).get("ratio", float("nan"))
-    print(f"{cfg.mode} lambda={s['lambda']:g} seed={s['seed']}: {s['eval_split']} BPC {s['bpc']:.4f}, "
+    print(f"{cfg.variant} lambda={s['lambda']:g} seed={s['seed']}: {s['eval_split']} BPC {s['bpc']:.4f}, "
           f"test BPC {s['test_bpc']:.4f}, BPC(sigma=0.5)/BPC(0) {ratio:.3f}, "
           f"train {s['train_seconds']:.0f}s -> {out}")
 

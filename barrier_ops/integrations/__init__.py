@@ -7,6 +7,8 @@ Supported models:
   such a model is attached.
 * nanoGPT-style models (``CausalSelfAttention`` with ``c_attn``, ``c_proj``,
   ``n_head``): see :mod:`barrier_ops.integrations.nanogpt`.
+* models whose attention calls ``record_qkv`` itself (the experiments' char-level
+  GPT): see :mod:`barrier_ops.integrations.chargpt`.
 
 The HF ``BarrierStatsCallback`` and ``add_stats_callback`` are importable from
 here and import transformers on first use.
@@ -127,6 +129,11 @@ def attach(
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError("barrier_ops.attach: the model already has a barrier attached; call detach(model) first")
     kind = "hf" if _is_hf(model) else "nanogpt"
+    if kind == "nanogpt":
+        from . import chargpt
+
+        if chargpt.is_chargpt_model(model):
+            kind = "chargpt"
     handle = BarrierHandle(
         model, weight=weight, coupling=coupling, combine_heads=combine_heads, eps=eps,
         target_margin=target_margin, causal=causal, backend=backend,
@@ -134,6 +141,8 @@ def attach(
     )
     if kind == "hf":
         from . import hf as adapter
+    elif kind == "chargpt":
+        from . import chargpt as adapter
     else:
         from . import nanogpt as adapter
     try:
