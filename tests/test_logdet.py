@@ -97,3 +97,23 @@ def test_spearman():
     assert spearman(a, a ** 3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0.0, 0.0, 5.0])) == pytest.approx(1.0)
+
+
+def test_trace_vs_exact_on_a_tiny_char_gpt():
+    from barrier_ops.experiments.config import ModelConfig
+    from barrier_ops.experiments.model import CharGPT
+    from barrier_ops.experiments.trace_vs_exact import analyse_model, format_table
+
+    torch.manual_seed(0)
+    model = CharGPT(11, ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8))
+    with torch.no_grad():  # larger attention weights than the init, so margins spread out
+        for b in model.blocks:
+            for p in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj):
+                p.weight.mul_(20.0)
+    res = analyse_model(model, torch.randint(0, 11, (3, 8)))
+    assert barrier_ops.get_handle(model) is None  # attached for the measurement only
+    for L in res["layers"]:
+        assert L["tokens"] == 24 and len(L["points"]["logabsdet"]) == 24
+        assert L["op_vs_float64_trace_max_abs"] < 1e-4  # the product's float32 margin = the float64 trace
+        assert -1 <= L["spearman_pooled"] <= 1 and 0 <= L["argmin_agree"] <= 1
+    assert "| 0 |" in format_table({"tiny": {**res, "variant": "ce", "lambda": 0.0}})
