@@ -63,7 +63,8 @@ def analyse_model(model: CharGPT, windows: torch.Tensor) -> Dict:
     layers = []
     for i, (block, x, m) in enumerate(zip(model.blocks, inputs, out.margins)):
         a = block.attn
-        r = exact_logdet(x, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, a.n_head, True)
+        with torch.no_grad():
+            r = exact_logdet(x, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, a.n_head, True)
         m = m.double()
         logdet = r["logabsdet"]
         layers.append(_agreement(m, logdet, r))
