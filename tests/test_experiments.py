@@ -292,3 +292,28 @@ def test_relative_sigmas_and_margin_summary(one_thread):
     assert s["active_frac"] == pytest.approx(4 / 6) and s["frac_below_1"] == pytest.approx(3 / 6)
     assert s["support_pos0_frac"] == pytest.approx(2 / 3) and s["min"] == pytest.approx(0.0005)
     assert margin_summary([m], [torch.tensor([1])], 8)["layers"][0]["active_frac"] == 1.0  # -log m: every token
+
+
+def test_demo_explains_itself(tmp_path, capsys):
+    import yaml
+
+    from barrier_ops.experiments import demo
+
+    cfg = _tiny_cfg(tmp_path).to_dict()
+    cfg["train"]["lambda"] = cfg["train"].pop("lam")
+    cfg["eval"]["rel_sigmas"] = [0.25, 0.5]
+    cfg["sweep"]["grid"] = [{"variant": "ce", "lambdas": [0.0]},
+                            {"variant": "target2", "target_margin": 2.0, "lambdas": [0.1]}]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = tmp_path / "demo"
+    demo.main(["--config", str(path), "--root", str(root)])
+    out = capsys.readouterr()
+    assert "CE + 0.1 x target-margin barrier, m0 = 2" in out.out and "| CE only |" in out.out
+    assert "x embedding RMS" in out.out and "support token at t = 0" in out.out
+    assert f"wrote {root}/results.csv" in out.out
+    assert (root / "tm2_lam0.1_seed0" / "summary.json").is_file()
+    assert "step 3/3" in out.err  # not a terminal: one plain progress line per evaluation, no bars
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (root / "figures" / "margins.png").is_file()
+        assert "margins.png: every token's stability margin" in out.out

@@ -103,7 +103,8 @@ def run_sweep(cfg: ExperimentConfig, root: str, lambdas: Optional[Sequence[float
             skipped += 1
         else:
             # Parallel workers share stderr: progress lines (log files) are fine, interleaved bars are not.
-            todo.append((cfg, root, run, progress and (jobs == 1 or not sys.stderr.isatty())))
+            lines = not (sys.stderr.isatty() and sys.stdout.isatty())
+            todo.append((cfg, root, run, progress and (jobs == 1 or lines)))
     log(f"sweep {cfg.name}: {len(runs)} runs, {skipped} already finished, {len(todo)} to train")
     if jobs > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:

@@ -249,7 +249,8 @@ def run_dir_name(lam: float, seed: int, target_margin: Optional[float] = None) -
 
 
 def _is_tty() -> bool:
-    return sys.stderr.isatty()
+    """Progress bars only when both streams are terminals (``> log 2>&1`` gets plain lines)."""
+    return sys.stderr.isatty() and sys.stdout.isatty()
 
 
 def main(argv=None) -> None:
