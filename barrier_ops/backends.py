@@ -25,9 +25,9 @@ KappaFn = Callable[..., torch.Tensor]
 BACKENDS: Dict[str, KappaFn] = {"fused": kappa_fused, "sdpa": kappa_sdpa}
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
-# backend="auto" by device type. CPU: the fused kernel is 2.7x faster than
-# the attention form at T = 1024 (docs/benchmarks.md). CUDA: sdpa until GPU
-# measurements (benchmarks/gpu_check.sh) say otherwise.
+# backend="auto" by device type. CPU: the fused kernel's fwd+bwd is 1.4-2x
+# faster than the attention form's for T = 512..4096 (docs/benchmarks.md).
+# CUDA: sdpa until GPU measurements (benchmarks/gpu_check.sh) say otherwise.
 AUTO: Dict[str, str] = {"cpu": "fused", "cuda": "sdpa"}
 
 # Device types the fused kernels are compiled for.
