@@ -155,6 +155,7 @@ def test_margins_and_support_tokens_reported():
     assert len(r["margins"]) == 2 and len(r["support_pos"]) == 2
     assert r["margins"][0].numel() == 2 * 4 * 16
     assert ((r["support_pos"][0] >= 0) & (r["support_pos"][0] < 16)).all()
+    assert ((r["support_pos_excl0"][1] >= 1) & (r["support_pos_excl0"][1] < 16)).all()
 
 
 def test_sweep_is_resumable(tmp_path, monkeypatch):
@@ -292,6 +293,8 @@ def test_relative_sigmas_and_margin_summary(one_thread):
     assert s["active_frac"] == pytest.approx(4 / 6) and s["frac_below_1"] == pytest.approx(3 / 6)
     assert s["support_pos0_frac"] == pytest.approx(2 / 3) and s["min"] == pytest.approx(0.0005)
     assert margin_summary([m], [torch.tensor([1])], 8)["layers"][0]["active_frac"] == 1.0  # -log m: every token
+    s1 = margin_summary([m], [torch.tensor([0, 0])], 8, support_pos_excl0=[torch.tensor([1, 3])])["layers"][0]
+    assert s1["support_pos_excl0_mean"] == 2.0 and s1["support_pos_excl0_counts"][:4] == [0, 1, 0, 1]
 
 
 def test_demo_explains_itself(tmp_path, capsys):

@@ -59,6 +59,7 @@ def evaluate_split(
     total_ce, total_pen, n = 0.0, 0.0, 0
     margins: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
     support: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
+    support1: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
     batches = eval_batches(data, n_batches, batch_size, block)
     measure = measuring(model, margins=with_margins) if with_penalty or with_margins else barrier_off(model)
     with measure:
@@ -75,7 +76,12 @@ def evaluate_split(
             for layer, m in enumerate(out.margins):
                 m2 = m.reshape(-1, m.shape[-1])  # [B, T] or [B*H, T]
                 idx, _ = barrier_ops.support_token_argmin(m2)
+                # Under s <= t position 0 attends only to itself: m = 1 exactly, whatever the weights. Once a
+                # barrier lifts every other margin above 1 the argmin sits there by construction, so the
+                # support token among t >= 1 is recorded too.
+                idx1, _ = barrier_ops.support_token_argmin(m2[:, 1:])
                 support[layer].append(idx.cpu())
+                support1[layer].append((idx1 + 1).cpu())
                 margins[layer].append(m2.flatten().float().cpu())
         n += 1
     model.train(was_training)
@@ -85,6 +91,7 @@ def evaluate_split(
     if with_margins:
         result["margins"] = [torch.cat(ms) for ms in margins]
         result["support_pos"] = [torch.cat(s) for s in support]
+        result["support_pos_excl0"] = [torch.cat(s) for s in support1]
     return result
 
 
@@ -96,7 +103,8 @@ QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
 def margin_summary(margins: Sequence[torch.Tensor], support_pos: Sequence[torch.Tensor], block_size: int,
-                   target_margin: Optional[float] = None, bins: int = 40) -> Dict:
+                   target_margin: Optional[float] = None, bins: int = 40,
+                   support_pos_excl0: Optional[Sequence[torch.Tensor]] = None) -> Dict:
     """Per-layer statistics of the margins of every valid token and of the support-token positions.
 
     mean/min/max, quantiles ``q<p>``, fractions below thresholds ``frac_below_<x>``,
@@ -104,11 +112,11 @@ def margin_summary(margins: Sequence[torch.Tensor], support_pos: Sequence[torch.
     target-margin barrier, every token for the paper's -log m), a histogram on the fixed
     log-spaced ``HIST_EDGES`` (``hist_below`` counts margins < 1e-3, non-positive included;
     ``hist_above`` > 1e4), and support-token positions (``support_pos_counts``, mean, and the
-    fraction at position 0).
+    fraction at position 0; with ``support_pos_excl0``, the same over positions t >= 1).
     """
     layers = []
     edges = torch.tensor(HIST_EDGES, dtype=torch.float64)
-    for m, pos in zip(margins, support_pos):
+    for layer_index, (m, pos) in enumerate(zip(margins, support_pos)):
         m = m.double()
         sample = m[: 1 << 22]
         qs = torch.quantile(sample, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
@@ -131,6 +139,10 @@ def margin_summary(margins: Sequence[torch.Tensor], support_pos: Sequence[torch.
             "support_pos_mean": float(pos.double().mean()),
             "support_pos0_frac": float((pos == 0).double().mean()),
         }
+        if support_pos_excl0 is not None:
+            p1 = support_pos_excl0[layer_index]
+            layer["support_pos_excl0_counts"] = torch.bincount(p1.clamp(min=0), minlength=block_size).tolist()
+            layer["support_pos_excl0_mean"] = float(p1.double().mean())
         layers.append(layer)
     return {"layers": layers}
 

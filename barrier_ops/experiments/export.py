@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from .sweep import collect_all, format_table, row_variant, write_csv
+from .sweep import collect_all, format_table, margin_table, row_variant, write_csv
 
 
 def export(root: str, out: str) -> None:
@@ -35,12 +35,19 @@ def export(root: str, out: str) -> None:
         for run, r in zip(runs, rows):
             with open(os.path.join(root, run, "summary.json"), encoding="utf-8") as src:
                 s = json.load(src)
+            layers = s["margins"]["layers"]
+            recomputed = os.path.join(root, run, "margins.json")  # experiments.margins (from the checkpoint)
+            if os.path.isfile(recomputed):
+                with open(recomputed, encoding="utf-8") as src:
+                    layers = json.load(src)["layers"]
             dst.write(json.dumps({"run": run, "variant": row_variant(r), "lambda": float(r["lambda"]),
                                   "seed": int(r["seed"]), "emb_rms": s.get("emb_rms"),
-                                  "layers": s["margins"]["layers"]}) + "\n")
+                                  "recomputed": os.path.isfile(recomputed), "layers": layers}) + "\n")
     sigmas = [k[len("bpc_sigma"):] for k in rows[0] if k.startswith("bpc_sigma") and k != "bpc_sigma0"]
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(format_table(rows, sigmas=sigmas if any("_r" in k for k in sigmas) else None) + "\n")
+        if any(k.startswith("margin_median_l") for k in rows[0]):
+            f.write("\nMargins (every valid validation token; means over seeds):\n\n" + margin_table(rows) + "\n")
 
 
 def main(argv=None) -> None:

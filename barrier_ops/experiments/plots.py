@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import variant_name  # noqa: E402
-from .sweep import aggregate, read_csv, row_variant  # noqa: E402
+from .sweep import aggregate, collect_all, read_csv, row_variant  # noqa: E402
 from .train import run_dir_name  # noqa: E402
 
 DPI = 90
@@ -203,7 +203,11 @@ def plot_lambda_path(rows: List[Dict], path: str, sigma: str = "0.5", sigma_keys
                      ) -> str:
     """Clean BPC and noisy BPC vs lambda_m, one line per variant (CE drawn at the left edge, dotted)."""
     if sigma_keys is None:
-        sigma_keys = [sigma] if f"bpc_sigma{sigma}" in rows[0] else _sigmas(rows)[-1:]
+        preferred = [k for k in ("_r0.25", "_r1", "0.2") if f"bpc_sigma{k}" in rows[0]]
+        if _rel_sigmas(rows) and preferred:
+            sigma_keys = preferred
+        else:
+            sigma_keys = [sigma] if f"bpc_sigma{sigma}" in rows[0] else _sigmas(rows)[-1:]
     keys = ["bpc"] + [f"bpc_sigma{k}" for k in sigma_keys] + [f"ratio_sigma{k}" for k in sigma_keys]
     by_var = _by_variant(aggregate(rows, keys))
     panels = [("bpc", "clean validation BPC")] + [(f"bpc_sigma{k}", "BPC at " + sigma_label(k, rows))
@@ -234,8 +238,14 @@ def plot_margins(runs: Dict[str, str], path: str) -> str:
     for label, d in runs.items():
         with open(os.path.join(d, "summary.json"), encoding="utf-8") as f:
             summaries[label] = json.load(f)
+        recomputed = os.path.join(d, "margins.json")  # experiments.margins: adds the support token over t >= 1
+        if os.path.isfile(recomputed):
+            with open(recomputed, encoding="utf-8") as f:
+                summaries[label]["margins"] = json.load(f)
     n_layer = len(next(iter(summaries.values()))["margins"]["layers"])
-    fig, axes = plt.subplots(n_layer, 2, figsize=(11, 3.0 * n_layer), squeeze=False)
+    fig, axes = plt.subplots(n_layer, 2, figsize=(12, 3.4 * n_layer), squeeze=False)
+    top_by_layer: Dict[int, float] = {}
+    ptop_by_layer: Dict[int, float] = {}
     for i, (label, s) in enumerate(summaries.items()):
         variant = s.get("variant") or ("ce" if float(s["lambda"]) == 0 else "paper")
         color = _style(variant, i)["color"]
@@ -244,6 +254,8 @@ def plot_margins(runs: Dict[str, str], path: str) -> str:
             total = max(sum(counts) + st.get("hist_below", 0) + st.get("hist_above", 0), 1)
             ax = axes[layer][0]
             extra = f", {100 * st['hist_below'] / total:.1f}% below 1e-3" if st.get("hist_below") else ""
+            if st.get("hist_above"):
+                extra += f", {100 * st['hist_above'] / total:.1f}% above 1e4"
             ax.stairs([c / total for c in counts], edges, color=color,
                       label=f"{label}: median {st['median']:.3g}, min {st['min']:.3g}{extra}")
             if "hist_below" in st:  # v2 summaries: fixed log-spaced bins
@@ -256,15 +268,29 @@ def plot_margins(runs: Dict[str, str], path: str) -> str:
                          "(dotted: m = 1, CE models sit there; m -> 0: layer near-singular; dashed: target m0)",
                          fontsize=8)
             ax.set_ylabel("fraction of tokens")
-            ax.legend(fontsize=7)
-            pc = st["support_pos_counts"]
+            top_by_layer[layer] = max(top_by_layer.get(layer, 0.0), max(c / total for c in counts))
+            ax.legend(fontsize=6.5, loc="upper left", framealpha=0.7)
+            excl0 = "support_pos_excl0_counts" in st
+            pc = st["support_pos_excl0_counts"] if excl0 else st["support_pos_counts"]
             ptotal = max(sum(pc), 1)
             ax2 = axes[layer][1]
-            ax2.stairs([c / ptotal for c in pc], range(len(pc) + 1), color=color,
-                       label=f"{label} (mean position {st['support_pos_mean']:.1f})")
-            ax2.set_title(f"layer {layer}: where the support token (smallest margin of a window) sits", fontsize=8)
+            if excl0:
+                text = (f"{label}: mean {st['support_pos_excl0_mean']:.1f} "
+                        f"(over all t: at t = 0 in {100 * st['support_pos0_frac']:.0f}%)")
+                title = (f"layer {layer}: where the support token (smallest margin of a window) sits among t >= 1\n"
+                         "(t = 0 attends only to itself: its margin is 1 exactly)")
+            else:
+                text = f"{label} (mean position {st['support_pos_mean']:.1f})"
+                title = f"layer {layer}: where the support token (smallest margin of a window) sits"
+            ax2.stairs([c / ptotal for c in pc], range(len(pc) + 1), color=color, label=text)
+            ax2.set_title(title, fontsize=8)
             ax2.set_ylabel("fraction of windows")
-            ax2.legend(fontsize=7)
+            ptop_by_layer[layer] = max(ptop_by_layer.get(layer, 0.0), max(c / ptotal for c in pc))
+            ax2.legend(fontsize=6.5, loc="upper right", framealpha=0.7)
+    grow = 1.25 + 0.13 * len(summaries)  # room for the legends above the bars
+    for layer in range(n_layer):
+        axes[layer][0].set_ylim(0, grow * top_by_layer.get(layer, 1.0))
+        axes[layer][1].set_ylim(0, grow * ptop_by_layer.get(layer, 1.0))
     axes[-1][0].set_xlabel("margin m (log scale)")
     axes[-1][1].set_xlabel("position in the context window")
     return _save(fig, path)
@@ -274,7 +300,10 @@ def make_all(root: str, out_dir: str, compare: float, seed: int = 0, csv_path: O
              prefix: str = "", compare_target_margin: Optional[float] = None) -> List[str]:
     """All figures for a sweep (or demo) root; ``compare`` (and its target margin) picks the barrier run vs CE."""
     csv_path = csv_path or os.path.join(root, "results.csv")
-    rows = read_csv(csv_path)
+    if os.path.isfile(csv_path):
+        rows = read_csv(csv_path)
+    else:  # mid-sweep: the sweep writes its CSV at the end; read the finished runs' summaries
+        rows = collect_all(root)
     ce_dir = os.path.join(root, run_dir_name(0.0, seed))
     bar_dir = os.path.join(root, run_dir_name(compare, seed, compare_target_margin))
     bar_label = variant_label(variant_name(compare, compare_target_margin)) + f", lambda={compare:g}"
@@ -288,6 +317,17 @@ def make_all(root: str, out_dir: str, compare: float, seed: int = 0, csv_path: O
     if len({(row_variant(r), float(r["lambda"])) for r in rows}) > 2:
         paths.append(plot_lambda_path(rows, os.path.join(out_dir, f"{prefix}lambda_path.png")))
         paths.append(plot_frontier(rows, os.path.join(out_dir, f"{prefix}frontier.png")))
+        # every variant at the compared lambda (when that run exists), margins side by side
+        variants = {"CE only": ce_dir}
+        for r in rows:
+            v = row_variant(r)
+            if v != "ce" and abs(float(r["lambda"]) - compare) < 1e-12 and int(r["seed"]) == seed:
+                m0 = r.get("target_margin")
+                m0 = None if m0 in (None, "") else float(m0)
+                variants[variant_label(v) + f", lambda={compare:g}"] = os.path.join(
+                    root, run_dir_name(compare, seed, m0))
+        if len(variants) > 2:
+            paths.append(plot_margins(variants, os.path.join(out_dir, f"{prefix}margins_variants.png")))
     return paths
 
 

@@ -140,6 +140,8 @@ def summary_row(s: Dict) -> Dict:
             if k in layer:
                 row[f"margin_{k}_l{i}" if k.startswith("q") or k == "median" else f"{k}_l{i}"] = layer[k]
         row[f"support_pos_mean_l{i}"] = layer["support_pos_mean"]
+        if "support_pos_excl0_mean" in layer:
+            row[f"support_pos_excl0_mean_l{i}"] = layer["support_pos_excl0_mean"]
     row["train_seconds"] = s["train_seconds"]
     return row
 
@@ -259,6 +261,33 @@ def format_table(rows: List[Dict], sigma: str = "0.5", sigmas: Optional[Sequence
                  f"{a[k]:.3f} +- {a[k + '_std']:.3f}" for k in keys]
         lines.append(f"| {a['variant']} | {a['lambda']:g} | {a['n']} | {cells[0]} | {rel} | "
                      + " | ".join(cells[1:]) + " |")
+    return "\n".join(lines)
+
+
+def margin_table(rows: List[Dict]) -> str:
+    """Markdown table of margin statistics per (variant, lambda) and layer, means over seeds.
+
+    min / 1% quantile / median / mean / 99% quantile of every valid token's margin, the fraction of
+    tokens the barrier is active on (margin < m0 for the target margin; every token for -log m and
+    n/a for CE) and the fraction of windows whose support token is position 0.
+    """
+    layers = sorted({int(k.rsplit("_l", 1)[1]) for k in rows[0] if k.startswith("margin_min_l")})
+    stats = ["margin_min", "margin_q0.01", "margin_median", "margin_mean", "margin_q0.99", "active_frac",
+             "support_pos0_frac", "support_pos_mean"]
+    keys = [f"{s}_l{i}" for i in layers for s in stats]
+    agg = aggregate(rows, keys)
+    lines = ["| variant | lambda_m | layer | min | 1% | median | mean | 99% | barrier active on | "
+             "support token at t = 0 | mean support position |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        for i in layers:
+            def cell(stat, fmt="{:.3g}"):
+                v = a.get(f"{stat}_l{i}")
+                return "n/a" if v is None else fmt.format(v)
+            active = "n/a" if a["lambda"] == 0 else cell("active_frac", "{:.1%}")
+            lines.append(f"| {a['variant']} | {a['lambda']:g} | {i} | {cell('margin_min')} | "
+                         f"{cell('margin_q0.01')} | {cell('margin_median')} | {cell('margin_mean')} | "
+                         f"{cell('margin_q0.99')} | {active} | {cell('support_pos0_frac', '{:.0%}')} | "
+                         f"{cell('support_pos_mean', '{:.1f}')} |")
     return "\n".join(lines)
 
 

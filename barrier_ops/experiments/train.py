@@ -197,7 +197,8 @@ def final_evaluation(model, data: CharData, cfg: ExperimentConfig, device, progr
         "penalty": clean["penalty"],
         "noise": noise,
         "margins": margin_summary(clean["margins"], clean["support_pos"], cfg.model.block_size,
-                                  target_margin=cfg.barrier.target_margin if t.lam > 0 else None),
+                                  target_margin=cfg.barrier.target_margin if t.lam > 0 else None,
+                                  support_pos_excl0=clean["support_pos_excl0"]),
     }
 
 
