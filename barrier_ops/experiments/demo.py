@@ -26,6 +26,8 @@ from .sweep import read_csv, run_sweep
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "chargpt", "cpu_demo.yaml")
 
+PAPER_LAMBDA = 0.02  # --paper without --lambda: the paper's best lambda_m
+
 FIGURE_NOTES = {
     "curves.png": "training curves: train (dashed) and validation (solid) bits per character",
     "noise.png": "BPC as Gaussian noise of growing std is added to the token embeddings",
@@ -41,11 +43,11 @@ def _barrier_entry(cfg, lam, target_margin, paper):
         lam_default, m0 = max(base.lambdas), base.target_margin
     else:  # a v1 config: the largest sweep lambda with the config's barrier
         lam_default, m0 = max(cfg.sweep.lambdas), cfg.barrier.target_margin
-    lam = lam_default if lam is None else lam
     if paper:
-        m0 = None
+        m0, lam_default = None, (lam_default if m0 is None else PAPER_LAMBDA)
     elif target_margin is not None:
         m0 = target_margin
+    lam = lam_default if lam is None else lam
     if lam <= 0:
         raise ValueError(f"--lambda must be > 0 for the barrier model, got {lam}")
     return lam, m0
@@ -79,7 +81,8 @@ def main(argv=None) -> None:
                    help="barrier weight lambda_m (default: the config's barrier entry)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-margin", type=float, default=None, help="target margin m0 of the barrier")
-    g.add_argument("--paper", action="store_true", help="the paper's barrier -log m (no target margin)")
+    g.add_argument("--paper", action="store_true",
+                   help=f"the paper's barrier -log m (no target margin; lambda_m {PAPER_LAMBDA} unless --lambda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--root", default=os.path.join("runs", "demo"))
