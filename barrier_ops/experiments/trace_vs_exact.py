@@ -170,7 +170,7 @@ def plot(results: Dict, path: str) -> str:
             ax.legend(fontsize=7, markerscale=2, loc="upper left")
             ax.grid(alpha=0.3)
     fig.suptitle("How well the trace margin tracks the exact log-determinant (validation windows)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
