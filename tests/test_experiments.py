@@ -275,6 +275,17 @@ def test_grid_plan_order_and_run_names(tmp_path):
         from_dict({"sweep": {"grid": [{"variant": "paper", "lambdas": []}]}})
 
 
+def test_paired_and_margin_tables():
+    rows = [{"variant": "ce", "lambda": 0.0, "seed": s, "bpc": 2.0 + s, "bpc_sigma0.1": 4.0} for s in (0, 1)]
+    rows += [{"variant": "target2", "lambda": 0.3, "seed": s, "bpc": 1.01 * (2.0 + s), "bpc_sigma0.1": 3.96}
+             for s in (0, 1)]
+    table = sweep_mod.paired_table(rows, ["0.1"])
+    assert "| target2 | 0.3 | 2 | +1.0 +- 0.0 | -1.0 +- 0.0 |" in table  # paired by seed: no spread
+    for r in rows:
+        r.update({"margin_min_l0": 0.9, "margin_median_l0": 1.5, "active_frac_l0": 0.25})
+    assert "| target2 | 0.3 | 0 | 0.9 |" in sweep_mod.margin_table(rows) and "25.0%" in sweep_mod.margin_table(rows)
+
+
 def test_relative_sigmas_and_margin_summary(one_thread):
     from barrier_ops.experiments.evaluate import HIST_EDGES, embedding_rms, margin_summary
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from .sweep import collect_all, format_table, margin_table, row_variant, write_csv
+from .sweep import collect_all, format_table, margin_table, paired_table, row_variant, write_csv
 
 
 def export(root: str, out: str) -> None:
@@ -46,6 +46,8 @@ def export(root: str, out: str) -> None:
     sigmas = [k[len("bpc_sigma"):] for k in rows[0] if k.startswith("bpc_sigma") and k != "bpc_sigma0"]
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(format_table(rows, sigmas=sigmas if any("_r" in k for k in sigmas) else None) + "\n")
+        f.write("\nPaired differences to CE of the same seed, % of CE's BPC (mean +- std over seeds):\n\n"
+                + paired_table(rows, [k for k in sigmas if k != "0"]) + "\n")
         if any(k.startswith("margin_median_l") for k in rows[0]):
             f.write("\nMargins (every valid validation token; means over seeds):\n\n" + margin_table(rows) + "\n")
 

@@ -264,6 +264,40 @@ def format_table(rows: List[Dict], sigma: str = "0.5", sigmas: Optional[Sequence
     return "\n".join(lines)
 
 
+def paired_table(rows: List[Dict], sigma_keys: Sequence[str]) -> str:
+    """Markdown table of paired differences to CE: (variant - CE of the same seed), mean +- std over seeds.
+
+    A run and the CE run of the same seed share the initialisation, the batch order, the evaluation
+    windows and the noise draws, so the paired difference removes most of the seed-to-seed spread.
+    Relative differences in percent of the CE value. ``n`` counts the seeds with both runs.
+    """
+    ce = {int(r["seed"]): r for r in rows if float(r["lambda"]) == 0}
+    keys = ["bpc"] + [f"bpc_sigma{k}" for k in sigma_keys]
+    diffs: Dict[tuple, Dict[str, List[float]]] = {}
+    for r in rows:
+        seed = int(r["seed"])
+        if float(r["lambda"]) == 0 or seed not in ce:
+            continue
+        d = diffs.setdefault((row_variant(r), float(r["lambda"])), {k: [] for k in keys})
+        for k in keys:
+            if r.get(k) not in (None, "") and ce[seed].get(k) not in (None, ""):
+                d[k].append(100.0 * (float(r[k]) / float(ce[seed][k]) - 1.0))
+    heads = ["clean"] + [_sigma_label(k).replace("BPC at ", "") for k in sigma_keys]
+    lines = ["| variant | lambda_m | n | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(heads)]
+    for (variant, lam), d in sorted(diffs.items(), key=lambda kv: (variant_sort_key(kv[0][0]), kv[0][1])):
+        cells = []
+        for k in keys:
+            v = d[k]
+            if not v:
+                cells.append("n/a")
+                continue
+            mean = sum(v) / len(v)
+            std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+            cells.append(f"{mean:+.1f} +- {std:.1f}")
+        lines.append(f"| {variant} | {lam:g} | {len(d['bpc'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def margin_table(rows: List[Dict]) -> str:
     """Markdown table of margin statistics per (variant, lambda) and layer, means over seeds.
 
