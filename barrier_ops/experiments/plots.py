@@ -125,16 +125,26 @@ def _by_variant(agg: List[Dict]) -> Dict[str, List[Dict]]:
     return out
 
 
-def plot_frontier(rows: List[Dict], path: str, sigma_keys: Optional[Sequence[str]] = None) -> str:
+def plot_frontier(rows: List[Dict], path: str, sigma_keys: Optional[Sequence[str]] = None,
+                  max_clean_cost: Optional[float] = None) -> str:
     """Clean BPC (x) against noisy BPC (y), one panel per noise level, one curve per variant across lambda.
 
     Points are means over seeds with std error bars on both axes; CE is the black star with dotted
     guide lines. A variant is better only where its curve lies below (and left of) the other's.
+    ``max_clean_cost``: leave out settings whose clean BPC is more than this fraction above CE's
+    (a zoom on the settings of about equal clean accuracy; the title lists what was left out).
     """
     if sigma_keys is None:
         sigma_keys = [k for k in _sigmas(rows) if float(k) > 0] + _rel_sigmas(rows)
     keys = ["bpc"] + [f"bpc_sigma{k}" for k in sigma_keys]
-    by_var = _by_variant(aggregate(rows, keys))
+    agg = aggregate(rows, keys)
+    left_out = []
+    ce = next((a for a in agg if a["variant"] == "ce"), None)
+    if max_clean_cost is not None and ce is not None:
+        limit = ce["bpc"] * (1 + max_clean_cost)
+        left_out = [f"{a['variant']} {a['lambda']:g}" for a in agg if a["bpc"] > limit]
+        agg = [a for a in agg if a["bpc"] <= limit]
+    by_var = _by_variant(agg)
     n = len(sigma_keys)
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
@@ -162,9 +172,13 @@ def plot_frontier(rows: List[Dict], path: str, sigma_keys: Optional[Sequence[str
             ax.legend(fontsize=7)
     for j in range(n, nrows * cols):
         axes[j // cols][j % cols].axis("off")
+    note = ""
+    if max_clean_cost is not None:
+        note = (f"\nZoom: settings within +{100 * max_clean_cost:g}% of CE's clean BPC"
+                + (f" (left out: {', '.join(left_out)})" if left_out else ""))
     fig.suptitle("Accuracy-robustness frontier: each curve is one barrier across lambda_m (numbers = lambda_m), "
                  "mean +- std over seeds.\nA variant helps only if its curve passes below the CE star at about "
-                 "the same clean BPC.", fontsize=9)
+                 "the same clean BPC." + note, fontsize=9)
     return _save(fig, path)
 
 
@@ -317,6 +331,7 @@ def make_all(root: str, out_dir: str, compare: float, seed: int = 0, csv_path: O
     if len({(row_variant(r), float(r["lambda"])) for r in rows}) > 2:
         paths.append(plot_lambda_path(rows, os.path.join(out_dir, f"{prefix}lambda_path.png")))
         paths.append(plot_frontier(rows, os.path.join(out_dir, f"{prefix}frontier.png")))
+        paths.append(plot_frontier(rows, os.path.join(out_dir, f"{prefix}frontier_zoom.png"), max_clean_cost=0.03))
         # every variant at the compared lambda (when that run exists), margins side by side
         variants = {"CE only": ce_dir}
         for r in rows:
