@@ -194,10 +194,14 @@ def plot_noise(rows: List[Dict], path: str, lambdas: Optional[Sequence[float]] =
         agg = [a for a in agg if any(a["variant"] == v and abs(a["lambda"] - lam) < 1e-12 for v, lam in groups)]
     xs = [float(s) for s in sig]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    seen: Dict[str, int] = {}
     for i, a in enumerate(agg):
         label = variant_label(a["variant"]) + ("" if a["lambda"] == 0 else f", lambda={a['lambda']:g}")
         st = _style(a["variant"], i)
         st["ms"] = 4
+        repeat = seen.get(a["variant"], 0)  # the same variant at another lambda: dashed, then dotted
+        seen[a["variant"]] = repeat + 1
+        st["ls"] = ("-", "--", ":", "-.")[repeat % 4]
         for ax, prefix in zip(axes, ("bpc_sigma", "ratio_sigma")):
             ax.errorbar(xs, [a[f"{prefix}{s}"] for s in sig], yerr=[a[f"{prefix}{s}_std"] for s in sig],
                         capsize=3, label=f"{label} (n={a['n']})", **st)
@@ -205,8 +209,7 @@ def plot_noise(rows: List[Dict], path: str, lambdas: Optional[Sequence[float]] =
     axes[0].set_ylabel("BPC under embedding noise (lower is better)")
     axes[1].set_ylabel("BPC(sigma) / BPC(0)")
     for ax in axes:
-        ax.set_xlabel("noise std sigma added to every token embedding"
-                      + (f" (embedding RMS ~{rms:.2g})" if rms else ""))
+        ax.set_xlabel("noise std sigma on the token embeddings" + (f" (their RMS ~{rms:.2g})" if rms else ""))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle("Robustness to Gaussian token-embedding noise (error bars: std over seeds)")
