@@ -22,7 +22,7 @@ from typing import Dict, List
 
 from .config import GridEntry, load_config, variant_name
 from .plots import make_all, sigma_label, variant_label
-from .sweep import read_csv, run_sweep
+from .sweep import plan_runs, read_csv, run_sweep
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "chargpt", "cpu_demo.yaml")
 
@@ -114,14 +114,18 @@ def main(argv=None) -> None:
     print("BPC: bits per character on validation text (lower is better). Noisy columns add Gaussian noise of std "
           "sigma to every token embedding (averaged over draws). Margin m = 1 - sum_h kappa_h of each token: "
           "the trace of the attention layer's diagonal Jacobian block; m near 0 means the layer is close to "
-          "singular for that token. The paper's barrier -log m keeps rewarding larger margins (they grow to the "
-          "hundreds and the support token, the argmin, sits at position 0 where m = 1 exactly); the target-margin "
-          "barrier stops at m0.")
+          "singular for that token. The support token is a window's smallest margin. Position 0 attends only to "
+          "itself, so its margin is 1 exactly: once a barrier lifts the other margins above 1, the support token "
+          "is position 0 (the last column; figures/margins.png shows where it sits among t >= 1). The paper's "
+          "barrier -log m keeps rewarding larger margins (they grow to the hundreds and beyond); the "
+          "target-margin barrier stops at m0.")
     figures = args.figures or os.path.join(args.root, "figures")
     paths = make_all(args.root, figures, lam, seed=args.seed, compare_target_margin=m0)
     print()
+    run_dirs = ", ".join(os.path.join(args.root, r.dir_name) for r in plan_runs(cfg, seeds=[args.seed]))
     print(f"wrote {os.path.join(args.root, 'results.csv')} (one row per model, every noise level and margin "
-          f"statistic) and per model {args.root}/<run>/summary.json, metrics.jsonl, model.pt")
+          f"statistic) and, per model ({run_dirs}): config.yaml, metrics.jsonl (curves), summary.json (all "
+          "results), model.pt (weights)")
     for path in paths:
         print(f"wrote {path}: {FIGURE_NOTES.get(os.path.basename(path), '')}")
     sys.stdout.flush()
