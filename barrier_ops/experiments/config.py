@@ -68,6 +68,9 @@ class EvalConfig:
     sigmas: List[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     # sigma = r * RMS(token embedding weights) of the model evaluated (its own scale), reported as "r<r>"
     rel_sigmas: List[float] = field(default_factory=list)
+    # character substitution: each input character replaced, with probability p, by a uniformly drawn other
+    # character of the vocabulary (targets stay clean); evaluated from the checkpoint after training, "s<p>"
+    sub_rates: List[float] = field(default_factory=list)
     draws: int = 3
     batches: int = 32
     batch_size: int = 32
@@ -201,6 +204,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (b.target_margin is None or b.target_margin > b.eps,
          f"barrier.target_margin must be null (the paper's barrier) or > barrier.eps, got {b.target_margin}"),
         (all(r > 0 for r in e.rel_sigmas), "eval.rel_sigmas must be > 0"),
+        (all(0 < p < 1 for p in e.sub_rates), f"eval.sub_rates must be in (0, 1), got {e.sub_rates}"),
         (all(g.lambdas and all(lam >= 0 for lam in g.lambdas) for g in cfg.sweep.grid),
          "every sweep.grid entry needs lambdas >= 0"),
         (all(g.target_margin is None or g.target_margin > b.eps for g in cfg.sweep.grid),

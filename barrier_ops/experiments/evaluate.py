@@ -30,6 +30,23 @@ def _progress(iterable, enabled: bool, desc: str, total: Optional[int] = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+def substitute_chars(x: torch.Tensor, rate: float, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``x`` with each entry replaced, independently with probability ``rate``, by another character.
+
+    The replacement is uniform over the ``vocab_size - 1`` characters that differ from the original, so
+    every selected position really changes. Both draws are made for every position whatever ``x`` holds,
+    so a seeded CPU ``generator`` corrupts the same positions for every model (seed-paired).
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 to substitute characters, got {vocab_size}")
+    x = x.cpu()
+    replace = torch.rand(x.shape, generator=generator) < rate
+    shift = torch.randint(1, vocab_size, x.shape, generator=generator)
+    return torch.where(replace, (x + shift) % vocab_size, x)
+
+
 @torch.no_grad()
 def evaluate_split(
     model,
@@ -45,8 +62,13 @@ def evaluate_split(
     with_margins: bool = False,
     progress: bool = False,
     desc: str = "eval",
+    sub_rate: float = 0.0,
 ) -> Dict:
     """BPC over fixed, evenly spaced windows of ``data``; the noise (if any) comes from ``seed``.
+
+    ``sub_rate`` > 0 replaces input characters at random (:func:`substitute_chars`, a CPU generator
+    seeded with ``seed``, so the corrupted windows do not depend on the model or the device); the
+    targets stay the clean next characters.
 
     Returns {"bpc", "penalty" (if asked), "margins" (list per layer of a flat
     CPU tensor of all valid margins, if asked), "support_pos" (per layer, the
@@ -56,6 +78,10 @@ def evaluate_split(
     model.eval()
     block = model.cfg.block_size
     gen = torch.Generator(device=device).manual_seed(int(seed)) if sigma > 0 else None
+    if not 0.0 <= sub_rate < 1.0:
+        raise ValueError(f"sub_rate must be in [0, 1), got {sub_rate}")
+    sub_gen = torch.Generator().manual_seed(int(seed)) if sub_rate > 0 else None
+    vocab_size = model.tok_emb.num_embeddings
     total_ce, total_pen, n = 0.0, 0.0, 0
     margins: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
     support: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.n_layer)]
@@ -65,6 +91,8 @@ def evaluate_split(
     with measure:
         outs = []
         for x, y in _progress(batches, progress, desc, total=n_batches):
+            if sub_gen is not None:
+                x = substitute_chars(x, sub_rate, vocab_size, sub_gen)
             x, y = x.to(device), y.to(device)
             with autocast_context(device, bf16):
                 outs.append(model(x, y, noise_sigma=sigma, noise_generator=gen))
@@ -180,4 +208,25 @@ def noise_eval(model, data: torch.Tensor, *, sigmas: Sequence[float], draws: int
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
         results[key] = {"bpc": mean, "bpc_draw_std": std, "ratio": mean / clean, "sigma": sigma}
+    return results
+
+
+def substitution_eval(model, data: torch.Tensor, *, rates: Sequence[float], draws: int, n_batches: int,
+                      batch_size: int, device: torch.device, bf16: bool = True, seed: int = 0,
+                      clean_bpc: Optional[float] = None) -> Dict[str, Dict]:
+    """BPC when a fraction ``p`` of the input characters is replaced at random, averaged over ``draws``.
+
+    Keys ``f"s{p:g}"``; draws use CPU generators seeded ``seed * 1000 + draw`` (as :func:`noise_eval`), so
+    every model of a seed sees the same corrupted windows. ``ratio`` is BPC(p) / clean BPC.
+    """
+    if clean_bpc is None:
+        clean_bpc = evaluate_split(model, data, n_batches=n_batches, batch_size=batch_size, device=device,
+                                   bf16=bf16)["bpc"]
+    results = {}
+    for p in rates:
+        vals = [evaluate_split(model, data, n_batches=n_batches, batch_size=batch_size, device=device, bf16=bf16,
+                               sub_rate=p, seed=seed * 1000 + d)["bpc"] for d in range(draws)]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
+        results[f"s{p:g}"] = {"bpc": mean, "bpc_draw_std": std, "ratio": mean / clean_bpc, "rate": p}
     return results

@@ -89,7 +89,55 @@ def _run_one(args) -> str:
     cfg.barrier.target_margin = run.target_margin
     out = os.path.join(root, run.dir_name)
     train(cfg, out, progress=progress)
+    if cfg.eval.sub_rates:
+        substitution_for_run(out)
     return out
+
+
+SUBSTITUTION_FILE = "substitution.json"
+
+
+def substitution_for_run(run_dir: str) -> Dict:
+    """Character-substitution BPC of a finished run, from its checkpoint: writes ``<run>/substitution.json``.
+
+    Rates, draws, windows and split come from the run's own config (``eval.sub_rates``); the draws are seeded
+    by the run's seed (:func:`barrier_ops.experiments.evaluate.substitution_eval`), so the runs of one seed
+    see the same corrupted characters. Evaluated on CPU with one thread, like the training runs.
+    """
+    import torch
+
+    from .evaluate import substitution_eval
+    from .trace_vs_exact import load_run
+    from .train import get_data
+
+    model, cfg = load_run(run_dir)
+    e = cfg.eval
+    if not e.sub_rates:
+        raise ValueError(f"{run_dir}: its config has no eval.sub_rates; nothing to evaluate")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = substitution_eval(model, get_data(cfg).split(e.split), rates=e.sub_rates, draws=e.draws,
+                                n_batches=e.batches, batch_size=e.batch_size, device=torch.device("cpu"),
+                                bf16=False, seed=cfg.train.seed)
+    finally:
+        torch.set_num_threads(previous)
+    tmp = os.path.join(run_dir, SUBSTITUTION_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, SUBSTITUTION_FILE))
+    return res
+
+
+def _add_substitution(row: Dict, run_dir: str) -> Dict:
+    """Columns ``bpc_sub<p>`` / ``ratio_sub<p>`` from ``<run>/substitution.json`` when it exists."""
+    p = os.path.join(run_dir, SUBSTITUTION_FILE)
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            for key, r in json.load(f).items():
+                row[f"bpc_sub{key[1:]}"] = r["bpc"]
+                row[f"ratio_sub{key[1:]}"] = r["ratio"]
+    return row
 
 
 def run_sweep(cfg: ExperimentConfig, root: str, lambdas: Optional[Sequence[float]] = None,
@@ -169,7 +217,7 @@ def collect(root: str, runs: Sequence[Run]) -> List[Dict]:
         p = os.path.join(root, run.dir_name, "summary.json")
         if os.path.isfile(p):
             with open(p, encoding="utf-8") as f:
-                rows.append(summary_row(json.load(f)))
+                rows.append(_add_substitution(summary_row(json.load(f)), os.path.join(root, run.dir_name)))
     return sorted(rows, key=_row_key)
 
 
@@ -180,7 +228,7 @@ def collect_all(root: str) -> List[Dict]:
         p = os.path.join(root, name, "summary.json")
         if os.path.isfile(p):
             with open(p, encoding="utf-8") as f:
-                row = summary_row(json.load(f))
+                row = _add_substitution(summary_row(json.load(f)), os.path.join(root, name))
             row["run"] = name
             rows.append(row)
     return sorted(rows, key=_row_key)
