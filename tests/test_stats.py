@@ -1,7 +1,9 @@
 """barrier_ops.experiments.stats against hand-computed and tabulated values (no SciPy)."""
 
 import itertools
+import json
 import math
+import os
 import random
 
 import pytest
@@ -111,3 +113,99 @@ def test_describe_paired():
     assert r["p_sign_flip"] == 0.25 and r["ci"][1] == pytest.approx(-2 + 4.302652729749464 / math.sqrt(3))
     with pytest.raises(ValueError, match="seeds"):
         stats.describe_paired([1.0, 2.0], seeds=[1])
+
+
+# ---- the confirmatory analysis (barrier_ops.experiments.confirm) -------------------------------------------
+
+CONFIRM_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "chargpt", "cpu_confirm")
+
+
+def _synthetic_rows(primary_pct, clean_pct, seeds=range(3, 13)):
+    """CE, target2 and paper rows whose paired % differences are known exactly."""
+    rows = []
+    for i, s in enumerate(seeds):
+        ce = {"bpc": 2.1 + 0.01 * i, "bpc_sigma0.05": 4.2 - 0.02 * i, "bpc_sigma_r0.25": 3.6 + 0.03 * i,
+              "bpc_sigma_r0.5": 4.4 + 0.01 * i, "bpc_sub0.02": 2.3 + 0.01 * i}
+        tgt = {"bpc": ce["bpc"] * (1 + clean_pct[i] / 100), "bpc_sigma0.05": ce["bpc_sigma0.05"] * 0.98,
+               "bpc_sigma_r0.25": ce["bpc_sigma_r0.25"] * (1 + primary_pct[i] / 100),
+               "bpc_sigma_r0.5": ce["bpc_sigma_r0.5"] * (1.01 if i % 2 else 0.995), "bpc_sub0.02": ce["bpc_sub0.02"]}
+        paper = {k: v * 1.001 for k, v in ce.items()}
+        for variant, lam, vals in (("ce", 0.0, ce), ("target2", 1.0, tgt), ("paper", 0.005, paper)):
+            rows.append({"variant": variant, "lambda": lam, "target_margin": 2.0 if variant == "target2" else "",
+                         "seed": s, **vals})
+    return rows
+
+
+def _write_csv(rows, path):
+    from barrier_ops.experiments.sweep import write_csv
+
+    write_csv(rows, str(path))
+    return str(path)
+
+
+def test_confirm_analysis_on_known_differences(tmp_path):
+    from barrier_ops.experiments import confirm
+
+    primary = [-3.0, -1.0, -2.5, 0.5, -4.0, -2.0, -1.5, -3.5, -0.5, -2.0]
+    clean = [0.1, -0.2, 0.0, 0.3, -0.1, 0.2, -0.3, 0.1, 0.0, 0.1]
+    s = confirm.analyse(_synthetic_rows(primary, clean))
+    assert s["complete"] and s["primary"]["n"] == 10 and s["primary"]["seeds"] == list(range(3, 13))
+    assert s["primary"]["mean_pct"] == pytest.approx(stats.mean(primary), abs=1e-9)
+    assert s["primary"]["diffs_pct"] == pytest.approx(primary, abs=1e-9)
+    # only seed 6 (+0.5) is positive: assignments with |sum| >= 19 are few; recomputed independently
+    obs = abs(sum(primary))
+    brute = sum(abs(sum(g * v for g, v in zip(signs, primary))) >= obs - 1e-9
+                for signs in itertools.product((1, -1), repeat=10)) / 1024
+    assert s["primary"]["p_value"] == brute < 0.01
+    sec = s["secondary"]
+    assert [x["name"] for x in sec] == ["S1", "S2", "S3"]
+    assert sec[0]["mean_pct"] == pytest.approx(-2.0) and sec[0]["p_value"] == 2 / 1024  # every seed -2%
+    assert [x["p_holm"] for x in sec] == stats.holm([x["p_value"] for x in sec])
+    assert sec[2]["arm"] == "target2" and sec[2]["ref"] == "paper"
+    assert s["clean_noninferiority"]["noninferior"] and s["decision"]["outcome"] == "confirmed"
+    labels = {(e["arm"], e["ref"], e["column"]) for e in s["exploratory"]}
+    assert ("target2", "ce", "bpc_sub0.02") in labels and ("target2", "ce", "bpc_sigma_r0.25") not in labels
+
+    # the decision rule's other branches
+    assert confirm.analyse(_synthetic_rows([x + 2.2 for x in primary], clean))["decision"]["outcome"] == "not confirmed"
+    assert confirm.analyse(_synthetic_rows([-x for x in primary], clean))["decision"]["outcome"] == "reversed"
+    costly = confirm.analyse(_synthetic_rows(primary, [x + 0.6 for x in clean]))
+    assert costly["decision"]["outcome"] == "confirmed with a clean cost"
+
+
+def test_confirm_cli_summary_matches_recomputation(tmp_path):
+    from barrier_ops.experiments import confirm
+    from barrier_ops.experiments.sweep import read_csv
+
+    rows = _synthetic_rows([-1.0, 2.0, -0.5, 0.3, -2.0, 1.0, -1.5, 0.2, -0.1, -0.7], [0.0] * 10)
+    csv_path = _write_csv(rows, tmp_path / "results.csv")
+    confirm.main(["--csv", csv_path, "--out", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "summary.json") as f:
+        written = json.load(f)
+    assert written.pop("source_csv") == "results.csv"
+    assert written == json.loads(json.dumps(confirm.analyse(read_csv(csv_path))))
+    assert {"mean_pct", "p_value", "n", "seeds"} <= set(written["primary"])
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "| primary |" in md and f"{written['primary']['mean_pct']:+.2f}%" in md and "Holm p" in md
+
+    with pytest.raises(SystemExit, match="allow-incomplete"):
+        confirm.main(["--csv", _write_csv(rows[:-3], tmp_path / "partial.csv"), "--out", str(tmp_path / "p")])
+    confirm.main(["--csv", str(tmp_path / "partial.csv"), "--out", str(tmp_path / "p"), "--allow-incomplete"])
+    assert "INCOMPLETE" in (tmp_path / "p" / "tables.md").read_text()
+    with pytest.raises(ValueError, match="two rows"):
+        confirm.analyse(rows + rows[:1])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(CONFIRM_DIR, "summary.json")),
+                    reason="the confirmatory results are not committed yet")
+def test_committed_confirm_summary_matches_its_csv():
+    from barrier_ops.experiments import confirm
+    from barrier_ops.experiments.sweep import read_csv
+
+    with open(os.path.join(CONFIRM_DIR, "summary.json")) as f:
+        written = json.load(f)
+    written.pop("source_csv", None)
+    assert written["complete"]
+    assert written == json.loads(json.dumps(confirm.analyse(read_csv(os.path.join(CONFIRM_DIR, "results.csv")))))
+    with open(os.path.join(CONFIRM_DIR, "tables.md")) as f:
+        assert f.read() == confirm.tables_md(written)
