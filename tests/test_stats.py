@@ -209,3 +209,17 @@ def test_committed_confirm_summary_matches_its_csv():
     assert written == json.loads(json.dumps(confirm.analyse(read_csv(os.path.join(CONFIRM_DIR, "results.csv")))))
     with open(os.path.join(CONFIRM_DIR, "tables.md")) as f:
         assert f.read() == confirm.tables_md(written)
+
+
+def test_paired_ci_table_intervals_and_multiplicity():
+    from barrier_ops.experiments import confirm
+
+    rows = []
+    for s, (c, t) in enumerate([(2.0, 1.98), (2.1, 2.058), (2.2, 2.134)]):  # -1, -2, -3 %
+        rows += [{"variant": "ce", "lambda": 0.0, "seed": s, "bpc": c},
+                 {"variant": "target2", "lambda": 1.0, "seed": s, "bpc": t}]
+    table = confirm.paired_ci_table(rows)
+    half = 4.302652729749464 / math.sqrt(3)
+    assert f"| target2 | 1 | -2.0 [{-2 - half:+.1f}, {-2 + half:+.1f}] |" in table
+    p = f"{1 - math.sqrt(6 / 7):.4f}"  # t = -2 sqrt(3), 2 df; one test, so Holm = BH = p
+    assert table.rstrip().endswith(f"| {p} | {p} |")

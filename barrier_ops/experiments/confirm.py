@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from . import stats
-from .sweep import read_csv, row_variant
+from .sweep import read_csv, row_variant, variant_sort_key
 
 ARMS = {"ce": 0.0, "target2": 1.0, "paper": 0.005}  # variant -> lambda_m
 SEEDS = list(range(3, 13))
@@ -212,6 +212,44 @@ def _columns_of(summary: Dict) -> List[str]:
     return cols
 
 
+def paired_ci_table(rows: Sequence[Dict], columns: Optional[Sequence[str]] = None, conf: float = CONF) -> str:
+    """Markdown table of every (variant, lambda) vs CE of the same seed: mean % difference and ``conf`` t interval.
+
+    One row per setting, one cell per column (default: clean and every noise column), with the
+    per-setting paired t-test p-values Holm- and BH-adjusted over the whole table in the last two columns
+    (smallest adjusted p of the row), so a reader sees what survives the multiplicity of the grid.
+    """
+    ce = {int(r["seed"]): r for r in rows if float(r["lambda"]) == 0}
+    columns = list(columns) if columns is not None else ["bpc"] + _noise_columns(rows)
+    settings = sorted({(row_variant(r), float(r["lambda"])) for r in rows if float(r["lambda"]) != 0},
+                      key=lambda g: (variant_sort_key(g[0]), g[1]))
+    cells, pvals, where = {}, [], []
+    for v, lam in settings:
+        g = {int(r["seed"]): r for r in rows if row_variant(r) == v and float(r["lambda"]) == lam}
+        for c in columns:
+            seeds = sorted(s for s in g if s in ce and _present(g[s], c) and _present(ce[s], c))
+            if len(seeds) < 2:
+                cells[(v, lam, c)] = "n/a"
+                continue
+            d = stats.paired_pct_diff([float(g[s][c]) for s in seeds], [float(ce[s][c]) for s in seeds])
+            lo, hi = stats.t_interval(d, conf)
+            cells[(v, lam, c)] = f"{stats.mean(d):+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            pvals.append(stats.paired_t_test(d))
+            where.append((v, lam))
+    holm_p, bh_p = stats.holm(pvals), stats.bh(pvals)
+    best = {}
+    for (v, lam), h, b in zip(where, holm_p, bh_p):
+        hb = best.get((v, lam), (1.0, 1.0))
+        best[(v, lam)] = (min(hb[0], h), min(hb[1], b))
+    lines = ["| variant | lambda_m | " + " | ".join(column_label(c) for c in columns) + " | min Holm p | min BH p |",
+             "|---|---|" + "---|" * (len(columns) + 2)]
+    for v, lam in settings:
+        h, b = best.get((v, lam), (float("nan"), float("nan")))
+        lines.append(f"| {v} | {lam:g} | " + " | ".join(cells[(v, lam, c)] for c in columns)
+                     + f" | {_p(h)} | {_p(b)} |")
+    return "\n".join(lines)
+
+
 def write(csv_path: str, out_dir: str, allow_incomplete: bool = False) -> Dict:
     rows = read_csv(csv_path)
     summary = analyse(rows)
@@ -251,9 +289,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--allow-incomplete", action="store_true", help="write a summary marked incomplete")
     p.add_argument("--fill-substitution", metavar="ROOT", default=None,
                    help="first evaluate character substitution for runs under ROOT that lack it")
+    p.add_argument("--paired-table", metavar="CSV", default=None,
+                   help="print the paired-difference table with t intervals and Holm/BH for any sweep's CSV")
     args = p.parse_args(argv)
-    if args.csv is None and args.fill_substitution is None:
-        p.error("give --csv and/or --fill-substitution")
+    if args.csv is None and args.fill_substitution is None and args.paired_table is None:
+        p.error("give --csv, --fill-substitution and/or --paired-table")
+    if args.paired_table:
+        print(paired_ci_table(read_csv(args.paired_table)))
     if args.fill_substitution:
         fill_substitution(args.fill_substitution)
     if args.csv:
