@@ -33,17 +33,41 @@ AUTO: Dict[str, str] = {"cpu": "fused", "cuda": "sdpa"}
 # Device types the fused kernels are compiled for.
 FUSED_DEVICES = ("cpu", "cuda")
 
+# Device types this build has fused kernels for: a build without CUDA kernels
+# (setup.py builds them only when a GPU is visible or BARRIER_OPS_CUDA=1) has
+# none for "cuda". Read once at import, so torch.compile traces a dict lookup.
+FUSED_BUILT: Dict[str, bool] = {
+    t: torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::kappa", t.upper()) for t in FUSED_DEVICES
+}
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether this build of the extension has fused kernels for ``device``."""
+    return FUSED_BUILT.get(device.type, False)
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` on ``device`` (ValueError if it cannot run)."""
+    """The concrete backend name for ``backend`` on ``device``.
+
+    ValueError for a device the fused kernels do not support; RuntimeError for
+    ``"fused"`` on a device this build has no kernels for. ``"auto"`` falls back
+    to ``"sdpa"`` there.
+    """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
-        return AUTO.get(device.type, "sdpa")
+        name = AUTO.get(device.type, "sdpa")
+        return name if name != "fused" or fused_available(device) else "sdpa"
     if backend == "fused" and device.type not in FUSED_DEVICES:
         raise ValueError(
             f"backend='fused' has kernels for {FUSED_DEVICES} only, got a tensor on {device}; "
             "use backend='sdpa' (or 'auto')"
+        )
+    if backend == "fused" and not fused_available(device):
+        raise RuntimeError(
+            f"backend='fused': this build of barrier_ops has no {device.type.upper()} kernels (it was "
+            f"compiled without them). Rebuild with BARRIER_OPS_CUDA=1 python3 -m pip install "
+            "--no-build-isolation -e . (needs a CUDA toolkit), or use backend='sdpa' (or 'auto')"
         )
     return backend
 
