@@ -1,6 +1,6 @@
 """kappa through PyTorch's own fused attention kernels (backend="sdpa").
 
-shared/spec/barrier-math.md, "The attention form": kbar, wbar and
+docs/math.md, "The attention form": kbar, wbar and
 sum alpha g share one set of logits, so kappa is ONE attention with the
 widened, centred value
 
@@ -113,7 +113,7 @@ def _attention_form(
     """kappa [B, H, T] for s <= t (is_causal) or all keys.
 
     k and w come centred (barrier_ops.ops._centred), so V' = [k | w | <k, w>]
-    is the spec's centred value; padded keys hold finite values.
+    is the centred value of docs/math.md; padded keys hold finite values.
     """
     B, H, T, d = q.shape
     io = q.dtype  # SDPA runs in q's dtype; k and w may come in the accumulation dtype

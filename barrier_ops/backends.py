@@ -1,7 +1,7 @@
 """Where kappa's O(T^2) work runs: the one place that maps a backend name to code.
 
 * ``"fused"``: our compiled kernels (``torch.ops.barrier_ops.kappa``, CPU and CUDA).
-* ``"sdpa"``: the spec's attention form through PyTorch's
+* ``"sdpa"``: the attention form (docs/math.md) through PyTorch's
   ``scaled_dot_product_attention`` (any device torch runs on).
 * ``"auto"``: :data:`AUTO` by device type, ``"sdpa"`` for devices not listed.
 

@@ -1,7 +1,7 @@
 """The barrier functions on the margins: the one place that defines psi.
 
 ``psi`` is the paper's smooth log-barrier; ``target_margin`` turns it into a
-hinge (shared/spec/barrier-math.md, "Barrier" and "Target margin"). Both are
+hinge (docs/math.md, "The barrier" and "Target margin"). Both are
 plain ATen expressions, so autograd derives their gradients and torch.compile
 fuses them. To add a barrier variant, add it here and select it in
 :func:`barrier`; the ops, the integrations and the experiments call

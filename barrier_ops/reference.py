@@ -2,7 +2,7 @@
 
 This materialises the T x T attention matrix and relies on autograd for the
 gradients, so it is slow and memory-hungry (O(B*H*T^2)), but it reads like the
-math in ``shared/spec/barrier-math.md``:
+math in ``docs/math.md``:
 
     z_ts    = c <q_t, k_s>                 (allowed s only)
     alpha_t = softmax_s(z_t)

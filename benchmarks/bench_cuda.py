@@ -14,8 +14,8 @@ bf16, B * H = 32, causal, T in 1024..16384, d in {64, 128}. For each shape and
 implementation: forward time, forward+backward time (median of CUDA-event
 timed runs after warm-up), peak memory of forward+backward, the time over the
 yardstick's, the SDPA kernel PyTorch picks (torch._fused_sdp_choice, for the
-sdpa backend on its widened q', k', V'), and TFLOP/s counted per the spec's
-"Cost" section (shared/spec/barrier-math.md):
+sdpa backend on its widened q', k', V'), and TFLOP/s counted per the
+"Cost" section of docs/math.md:
 
     margin forward          ~ 3 d T^2 per (b, h)  (causal)
     margin forward+backward ~ 1.4 x attention's,  attention: 2 d T^2 fwd, 7 d T^2 fwd+bwd
@@ -187,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "causal": True,
         "warmup": args.warmup,
         "iters": args.iters,
-        "flop_count": "spec Cost section: barrier (fused, sdpa, reference) fwd 3dT^2, fwd+bwd 9.8dT^2; "
+        "flop_count": "docs/math.md Cost section: barrier (fused, sdpa, reference) fwd 3dT^2, fwd+bwd 9.8dT^2; "
                       "attention 2dT^2 / 7dT^2 (per b,h)",
         "yardstick": "attention: F.scaled_dot_product_attention(q, k, v, is_causal=True) fwd+bwd",
         "timing": "benchmarks/gpu_check.py: CUDA events, median of iters after warmup",

@@ -37,7 +37,7 @@ class BarrierConfig:
     coupling: str = "weights"  # "weights": A_h = W_Q^h W_O^h of the layer (old name "exact"); "identity": A_h = I
     combine_heads: bool = True  # layer margin 1 - sum_h kappa_h (trace of the layer's diagonal block)
     eps: float = 0.01
-    target_margin: Optional[float] = None  # None: the paper's barrier -log m; m0 > eps: the hinge psi_m0 (spec)
+    target_margin: Optional[float] = None  # None: the paper's barrier -log m; m0 > eps: the hinge psi_m0 (docs/math.md)
 
     def __post_init__(self):
         self.coupling = COUPLING_ALIASES.get(self.coupling, self.coupling)

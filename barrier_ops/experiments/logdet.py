@@ -1,4 +1,4 @@
-"""Float64 reference: the exact log-determinant of a layer's query-path Jacobian (spec, "Exact log-determinant").
+"""Float64 reference: the exact log-determinant of a layer's query-path Jacobian (docs/math.md, "Exact log-determinant").
 
 For one attention layer with input x ``[B, T, D]`` (the tensor the q, k, v
 projections read; in the char GPT the pre-attention LayerNorm's output), H
