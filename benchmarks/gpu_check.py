@@ -1,4 +1,4 @@
-"""GPU check (issue #12): validate, measure and pick the CUDA backend, in one run.
+"""GPU check: validate, measure and pick the CUDA backend, in one run.
 
 Run through ``bash benchmarks/gpu_check.sh [OUTDIR]`` (which builds the
 extension and runs the CUDA tests first), or directly once the extension is
@@ -7,8 +7,16 @@ built:
     python benchmarks/gpu_check.py --outdir runs/gpu_check            # CUDA, full
     python benchmarks/gpu_check.py --smoke --device cpu --outdir DIR   # tiny CPU run (CI)
 
-Four parts, ordered so that the most important rows run first and a global
-time budget (``--budget-s``) skips the rest rather than overrunning:
+Ordered so that the most important rows run first; a time budget
+(``--budget-s``) stops it starting new rows, and a hard limit
+(``--hard-limit-s``, faulthandler) ends a row that hangs. Every row (and the
+report writer) catches its own exceptions, a broken CUDA context skips the
+remaining GPU rows instead of failing each, and the report is rewritten after
+every row, so any single failure still leaves report.md / report.json; the
+shell's final step (gpu_check_kit.py --finalize) adds the build, test and
+phase outcomes. The yardstick row at the headline shape runs before
+``barrier_ops`` is imported: a failed build still leaves the device's plain
+attention timings.
 
 1. parity: ``backend="fused"`` and ``"sdpa"`` against the float64 reference
    (where T x T fits, T <= ``--ref-max-t``), and against each other beyond
@@ -42,12 +50,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import inspect
 import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -124,8 +132,26 @@ def sync(device: torch.device) -> None:
 
 
 def empty_cache(device: torch.device) -> None:
+    """Release cached blocks; never raises (after a sticky CUDA error every CUDA call
+    raises, and a cleanup in a `finally` must not replace the row's own error)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+def cuda_context_error(device: torch.device) -> Optional[str]:
+    """None while the device still works; the error text once the context is broken
+    (an illegal address or a device-side assert poisons every later CUDA call)."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+        return None
+    except Exception as exc:
+        return _short_error(exc)
 
 
 def sdpa_kernel_name(q, k, v, is_causal: bool = True) -> str:
@@ -142,11 +168,15 @@ def sdpa_kernel_name(q, k, v, is_causal: bool = True) -> str:
 def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=True) -> str:
     """Kernel for the sdpa backend's q', k' (width d [+1], padded) and V' (width 2d+1, padded).
 
-    Shapes from barrier_ops._sdpa.value_layout, the layout _attention_form builds.
+    Shapes from barrier_ops._sdpa.value_layout, the layout _attention_form builds
+    (a private helper: if it is gone, the row says so and keeps its timings).
     """
-    from barrier_ops._sdpa import value_layout
+    try:
+        from barrier_ops._sdpa import value_layout
 
-    qk_w, v_w = value_layout(device, d, masked)
+        qk_w, v_w = value_layout(device, d, masked)
+    except Exception as exc:
+        return f"unknown ({_short_error(exc)})"
     make = lambda w: torch.empty(B, H, T, w, device=device, dtype=dtype,  # noqa: E731
                                  requires_grad=requires_grad)
     return sdpa_kernel_name(make(qk_w), make(qk_w), make(v_w), is_causal=True)
@@ -216,9 +246,6 @@ def speed_callables(impl: str, q, k, v, grad_out=None):
     PyTorch's own kernel choice: the yardstick), "attention_flash" (the same,
     FlashAttention forced), "eager_reference", "compiled_reference".
     """
-    import barrier_ops
-    from barrier_ops import reference
-
     if impl in ("attention", "attention_flash"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -238,6 +265,10 @@ def speed_callables(impl: str, q, k, v, grad_out=None):
             torch.autograd.grad(attention(), (q, k, v), grad_out)
 
         return fwd, fwd_bwd
+
+    # Imported here, not above: the yardstick rows must not need the extension.
+    import barrier_ops
+    from barrier_ops import reference
 
     if impl in BACKENDS:
         def loss_fn(q, k, v):
@@ -637,7 +668,9 @@ def recommend(parity: List[Dict], speed: List[Dict], device: torch.device) -> Di
         cands = {b: t for b, t in totals.items() if b in eligible}
         winners[cls] = min(cands, key=cands.get) if cands else None
     distinct = sorted({w for w in winners.values() if w})
-    if not eligible:
+    if not any(checked.values()):
+        line = "n/a: no parity rows ran"
+    elif not eligible:
         line = "none: no backend passed every parity row"
     elif not winners:
         line = f"{eligible[0]} (no speed rows with both backends; parity passed: {', '.join(eligible)})"
@@ -675,35 +708,26 @@ def environment(device: torch.device) -> Dict:
         env["gpu"] = props.name
         env["capability"] = f"{props.major}.{props.minor}"
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        env["fused_cuda_kernels"] = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "barrier_ops::kappa", "CUDA") if _has_op("kappa") else False
+        env["fused_cuda_kernels"] = None  # set once barrier_ops has been imported
     else:
         env["gpu"] = None
         env["cpu"] = platform.processor() or platform.machine()
     return env
 
 
-def _has_op(name: str) -> bool:
+def import_barrier_ops(device: torch.device) -> Tuple[bool, Optional[str], Optional[bool]]:
+    """(imported, error, CUDA kernels registered) without letting a failure escape."""
     try:
         import barrier_ops  # noqa: F401
-        return hasattr(torch.ops.barrier_ops, name)
-    except Exception:
-        return False
-
-
-def parse_tests_log(path: Optional[str]) -> Dict:
-    out = {"log": path}
-    if not path or not os.path.exists(path):
-        return out
-    with open(path, errors="replace") as f:
-        text = f.read()
-    summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
-    if summary:
-        last = summary[-1]
-        out["summary"] = last.strip("= ").strip()
-        for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", last):
-            out[what.rstrip("s") if what.startswith("error") else what] = int(n)
-    return out
+    except Exception as exc:
+        return False, _short_error(exc), None
+    registered = None
+    if device.type == "cuda":
+        try:
+            registered = bool(torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::kappa", "CUDA"))
+        except Exception:
+            registered = False
+    return True, None, registered
 
 
 def _fmt(x, spec=".3g"):
@@ -723,15 +747,12 @@ def markdown(report: Dict) -> str:
          f"- torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
          f"transformers {env.get('transformers')}, python {env['python']}",
          f"- date {env['date']}; harness time {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget"]
-    if env.get("device_type") == "cuda":
+    if report.get("import_error"):
+        L.append(f"- **barrier_ops did not import**: {report['import_error']} (yardstick rows only)")
+    elif env.get("device_type") == "cuda":
         L.append(f"- fused CUDA kernels registered: {env.get('fused_cuda_kernels')}")
-    build, tests = report.get("build") or {}, report.get("tests") or {}
-    if build:
-        L.append(f"- build: {build.get('status')} (log {build.get('log')})")
-    if tests:
-        rc = tests.get("rc")
-        summary = tests.get("summary") or ("timed out" if rc == 124 else f"no summary (rc {rc})")
-        L.append(f"- CUDA tests (pytest -m cuda tests/test_cuda.py): {summary}, rc {rc} (log {tests.get('log')})")
+    if report.get("cuda_context_error"):
+        L.append(f"- **CUDA context broken** (later GPU rows skipped): {report['cuda_context_error']}")
     L += ["", f"**recommended auto backend on {env['device_type'].upper() if env['device_type'] == 'cuda' else env['device_type']}: "
           f"{rec.get('recommended', 'n/a')}** (current AUTO[{env['device_type']!r}] = {rec.get('current_auto')!r}; "
           "this run recommends only, it changes nothing)", ""]
@@ -802,16 +823,26 @@ def markdown(report: Dict) -> str:
 
 
 def write_report(report: Dict, outdir: str) -> None:
+    """report.json, then report.md; a failure in the summary or the markdown is
+    recorded in the report and never stops the run."""
     report["elapsed_s"] = time.monotonic() - report["_t0"]
-    report["recommendation"] = recommend(report["parity"], report["speed"], report["_device"])
+    try:
+        report["recommendation"] = recommend(report["parity"], report["speed"], report["_device"])
+    except Exception as exc:
+        report["recommendation"] = {"recommended": f"n/a (recommend failed: {_short_error(exc)})"}
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     os.makedirs(outdir, exist_ok=True)
     tmp = os.path.join(outdir, "report.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(_finite_or_str(public), f, indent=1)
+        json.dump(_finite_or_str(public), f, indent=1, default=str)
     os.replace(tmp, os.path.join(outdir, "report.json"))
+    try:
+        text = markdown(public)
+    except Exception as exc:
+        text = (f"# barrier_ops GPU check\n\nreport.md could not be rendered ({_short_error(exc)}); "
+                "report.json holds every row.\n")
     with open(os.path.join(outdir, "report.md"), "w") as f:
-        f.write(markdown(public))
+        f.write(text)
 
 
 # ---------------------------------------------------------------------------
@@ -825,13 +856,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (the CPU smoke run)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting new rows after this many seconds (default 420; smoke 60)")
+                   help="stop starting new rows after this many seconds (default 300; smoke 60)")
+    p.add_argument("--hard-limit-s", type=float, default=None,
+                   help="after this many seconds, dump every thread's stack to stderr and exit "
+                        "(a hang inside a row); default budget + 60")
     p.add_argument("--ref-max-t", type=int, default=None, help="largest T checked against the reference")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
-    p.add_argument("--build-status", default=None)
-    p.add_argument("--build-log", default=None)
-    p.add_argument("--tests-log", default=None)
-    p.add_argument("--tests-rc", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -847,37 +877,64 @@ class Budget:
         return self.left() >= estimate_s
 
 
+def _simulated_hang() -> None:
+    """Test hook (GPU_CHECK_FAKE_HARNESS_HANG_S): a row that does not return."""
+    seconds = float(os.environ.get("GPU_CHECK_FAKE_HARNESS_HANG_S", "0") or 0)
+    if seconds > 0:
+        print(f"[gpu_check] simulating a hang of {seconds:.0f} s (GPU_CHECK_FAKE_HARNESS_HANG_S)", flush=True)
+        time.sleep(seconds)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     smoke = args.smoke
-    budget = Budget(args.budget_s if args.budget_s is not None else (60.0 if smoke else 420.0))
+    budget = Budget(args.budget_s if args.budget_s is not None else (60.0 if smoke else 300.0))
+    # A row that hangs (a kernel that never returns, a deadlock) cannot be skipped by the
+    # budget: at the hard limit faulthandler prints where every thread is and exits. The
+    # report on disk is the one written after the last finished row.
+    hard_limit = args.hard_limit_s if args.hard_limit_s is not None else budget.seconds + 60.0
+    faulthandler.dump_traceback_later(max(hard_limit, 1.0), exit=True)
     ref_max_t = args.ref_max_t or (48 if smoke else 4096)
-    report = {"_t0": budget.t0, "_device": device, "smoke": smoke, "budget_s": budget.seconds, "elapsed_s": 0.0,
+    report = {"_t0": budget.t0, "_device": device, "smoke": smoke, "budget_s": budget.seconds,
+              "hard_limit_s": hard_limit, "elapsed_s": 0.0, "finished": False,
               "environment": environment(device), "parity": [], "speed": [], "e2e": [],
-              "recommendation": None, "skipped": [], "errors": [],
+              "recommendation": None, "skipped": [], "errors": [], "import_error": None,
+              "cuda_context_error": None,
               "settings": {"ref_max_t": ref_max_t, "tolerances": TOL, "cross_factor": CROSS_FACTOR,
                            "real_batch_tokens": REAL_BATCH_TOKENS, "barrier_weight": BARRIER_WEIGHT,
                            "fp16_loss_scale": FP16_LOSS_SCALE}}
-    if args.build_status or args.build_log:
-        report["build"] = {"status": args.build_status, "log": args.build_log}
-    if args.tests_log or args.tests_rc is not None:
-        report["tests"] = dict(parse_tests_log(args.tests_log), rc=args.tests_rc)
     out = args.outdir
 
     def log(msg):
         print(f"[gpu_check {time.monotonic() - budget.t0:6.1f}s] {msg}", flush=True)
 
+    def device_broken() -> bool:
+        """True once the CUDA context is poisoned: the later GPU rows are skipped, not run."""
+        if report["cuda_context_error"] is None:
+            report["cuda_context_error"] = cuda_context_error(device)
+        return report["cuda_context_error"] is not None
+
     def guarded(label: str, estimate_s: float, fn: Callable[[], None]) -> None:
+        """One unit of work: skipped past the budget or on a broken device; any
+        exception recorded; the report rewritten after it whatever happened."""
         if not budget.allows(estimate_s):
             report["skipped"].append(f"{label} (needs ~{estimate_s:.0f} s, {max(budget.left(), 0):.0f} s left)")
             return
+        if device_broken():
+            report["skipped"].append(f"{label} (CUDA context broken)")
+            return
+        log(label)
         try:
             fn()
         except Exception as exc:  # the harness itself must finish and write its report
             report["errors"].append(f"{label}: {_short_error(exc)}")
             traceback.print_exc()
-        write_report(report, out)
+            device_broken()
+        try:
+            write_report(report, out)
+        except Exception as exc:  # a full disk must not end the run either
+            print(f"[gpu_check] could not write the report: {_short_error(exc)}", flush=True)
 
     # Sizes
     if smoke:
@@ -891,37 +948,28 @@ def main(argv=None) -> int:
         first_speed = (4096, 128)
         e2e_batch, e2e_T, e2e_warm, e2e_reps = 8, 1024, 3, 10
     row_est = 1.0 if smoke else 5.0
-
     with_ref, long_cases = parity_cases(device, smoke)
+
+    def parity(case, dt):
+        report["parity"].extend(parity_case(case, dt, device, ref_max_t))
 
     def run_parity(cases):
         for case, dt in cases:
-            label = f"parity {case.name} {dt}"
-            if not budget.allows(row_est):
-                report["skipped"].append(label)
-                continue
-            log(label)
-            try:
-                report["parity"].extend(parity_case(case, dt, device, ref_max_t))
-            except Exception as exc:
-                report["errors"].append(f"{label}: {_short_error(exc)}")
-            write_report(report, out)
+            guarded(f"parity {case.name} {dt}", row_est, lambda case=case, dt=dt: parity(case, dt))
+
+    def speed(impl, T, d):
+        report["speed"].append(speed_row(impl, speed_B, speed_H, T, d, speed_dtype, device, warmup, reps))
+        add_ratios(report["speed"])
 
     def run_speed(shapes, impls):
         for T, d in shapes:
             for impl in impls:
-                label = f"speed {impl} T={T} d={d}"
+                if impl != YARDSTICK and report["import_error"]:
+                    continue  # said once in the report header, not once per row
                 est = (90.0 if not smoke else 20.0) if impl == "compiled_reference" else row_est + T / 2048
-                if not budget.allows(est):
-                    report["skipped"].append(label)
-                    continue
-                log(label)
-                report["speed"].append(speed_row(impl, speed_B, speed_H, T, d, speed_dtype, device, warmup, reps))
-                add_ratios(report["speed"])
-                write_report(report, out)
+                guarded(f"speed {impl} T={T} d={d}", est, lambda impl=impl, T=T, d=d: speed(impl, T, d))
 
     def run_e2e():
-        log("end to end GPT-2")
         report["e2e"] = e2e_rows(device, smoke, e2e_batch, e2e_T, e2e_warm, e2e_reps,
                                  deadline=budget.t0 + budget.seconds)
 
@@ -930,16 +978,29 @@ def main(argv=None) -> int:
     other_shapes = [(T, d) for d in speed_dims for T in speed_T if (T, d) != first_speed]
 
     write_report(report, out)
-    run_parity(with_ref)                                     # 1. parity where the reference fits
-    run_speed([first_speed], fast_impls)                     # 2. the headline speed shape
-    guarded("end to end GPT-2", 15.0 if smoke else 45.0, run_e2e)  # 3. end to end
-    run_parity(long_cases)                                   # 4. long T, fused vs sdpa
-    run_speed(other_shapes, fast_impls)                      # 5. the rest of the speed grid
-    if compile_ok:                                           # 6. torch.compile'd reference
-        run_speed([first_speed] + other_shapes, ["compiled_reference"])
-    elif args.no_compile or smoke:
-        report["skipped"].append("compiled_reference speed rows (--no-compile or smoke)")
+    # 0. The yardstick first: plain SDPA needs no extension, so a failed build still
+    #    leaves the device's attention timings.
+    run_speed([first_speed], [YARDSTICK])
+    imported, report["import_error"], registered = import_barrier_ops(device)
+    report["environment"]["fused_cuda_kernels"] = registered
+    if not imported:
+        log(f"barrier_ops did not import: {report['import_error']}; yardstick rows only")
+        report["errors"].append(f"import barrier_ops: {report['import_error']}")
+        run_speed(other_shapes, [YARDSTICK])
+    else:
+        _simulated_hang()
+        run_parity(with_ref)                                     # 1. parity where the reference fits
+        run_speed([first_speed], [i for i in fast_impls if i != YARDSTICK])  # 2. headline speed shape
+        guarded("end to end GPT-2", 15.0 if smoke else 45.0, run_e2e)  # 3. end to end
+        run_parity(long_cases)                                   # 4. long T, fused vs sdpa
+        run_speed(other_shapes, fast_impls)                      # 5. the rest of the speed grid
+        if compile_ok:                                           # 6. torch.compile'd reference
+            run_speed([first_speed] + other_shapes, ["compiled_reference"])
+        else:
+            report["skipped"].append("compiled_reference speed rows (--no-compile or smoke)")
+    report["finished"] = True
     write_report(report, out)
+    faulthandler.cancel_dump_traceback_later()
     log(f"recommended auto backend on {device.type}: {report['recommendation']['recommended']}")
     log(f"wrote {os.path.join(out, 'report.md')} and report.json")
     return 0

@@ -1,6 +1,9 @@
-"""The GPU check kit (issue #12) keeps working: its CPU smoke run writes a report
-with parity rows for both backends, speed rows against the SDPA yardstick and
-the end-to-end overhead rows (benchmarks/gpu_check.sh --cpu-smoke)."""
+"""The GPU check kit keeps working: its CPU smoke run writes a report with parity
+rows for both backends, speed rows against the SDPA yardstick and the
+end-to-end overhead rows (benchmarks/gpu_check.sh --cpu-smoke); and the full
+command, simulated on CPU, survives a failed pre-flight, a failed build, hung
+and failing CUDA tests and a hung harness, ending within its total with a
+report that names what failed."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
@@ -87,3 +92,116 @@ def test_end_to_end_overhead_rows(smoke_report):
         assert isinstance(r["overhead_pct"], float)
         assert r["step_ms"] > 0
     assert "overhead %" in md
+
+
+# ---------------------------------------------------------------------------
+# The GPU run's failure modes, simulated on CPU (GPU_CHECK_SIMULATE=1): whatever
+# fails, the command ends within its total and report.md / report.json say what.
+# ---------------------------------------------------------------------------
+
+HANGING_TESTS = '''
+import time
+
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+
+def test_passes():
+    pass
+
+
+def test_fails():
+    assert 1 == 2, "planted failure"
+
+
+def test_hangs():
+    time.sleep(600)
+'''
+
+# Slack over the total: timeout's kill grace (-k 5) and a loaded CI machine.
+TOTAL_SLACK_S = 15
+
+
+def _simulate(out, total_s, **env_overrides):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_SIMULATE="1",
+               GPU_CHECK_TOTAL_S=str(total_s), GPU_CHECK_HARNESS_MIN_S="5", GPU_CHECK_RESERVE_S="8",
+               **env_overrides)
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=total_s + 60)
+    elapsed = time.monotonic() - t0
+    log = f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert (out / "report.json").exists() and (out / "report.md").exists(), log
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    return proc, elapsed, report, (out / "report.md").read_text(), log
+
+
+@pytest.fixture
+def needs_bash():
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+
+
+def test_failed_build_and_hung_harness_still_write_the_report(tmp_path, needs_bash):
+    """The build fails (GPU_CHECK_FAKE_BUILD_FAILURE) and the harness hangs after its
+    first row (GPU_CHECK_FAKE_HARNESS_HANG_S): the tests are skipped, the harness is
+    ended at its hard limit, and the report names both, within the total."""
+    total = 30
+    proc, elapsed, report, md, log = _simulate(
+        tmp_path, total, GPU_CHECK_FAKE_BUILD_FAILURE="1", GPU_CHECK_FAKE_HARNESS_HANG_S="600")
+    assert elapsed <= total + TOTAL_SLACK_S, f"took {elapsed:.0f} s of {total} s\n{log}"
+    assert proc.returncode != 0
+    kit = report["kit"]
+    assert kit["phases"]["build_status"].startswith("FAILED"), kit["phases"]
+    assert kit["phases"]["tests_status"] == "not run (build failed)"
+    assert report["finished"] is False
+    assert report["kit_stopped"] and "harness stopped before its end" in report["kit_stopped"]
+    assert md.splitlines()[2].startswith("**GPU check stopped early"), md[:500]
+    assert "simulated build failure" in md
+    # The rows finished before the hang are kept: the yardstick ran first.
+    assert [r["impl"] for r in report["speed"]] == ["attention"]
+    assert "simulating a hang" in (tmp_path / "harness.log").read_text()
+
+
+def test_hung_and_failing_cuda_tests_are_named_and_the_harness_still_runs(tmp_path, needs_bash):
+    """A test that never returns and one that fails: with pytest-timeout the hung test
+    fails at the per-test timeout; without it the phase limit ends pytest and the report
+    names the test that was running. Either way the harness runs after it and the whole
+    command ends within the total."""
+    tests = tmp_path / "fake" / "test_fake_cuda.py"
+    tests.parent.mkdir()
+    tests.write_text(HANGING_TESTS)
+    total = 40
+    proc, elapsed, report, md, log = _simulate(
+        tmp_path / "out", total, GPU_CHECK_SKIP_BUILD="1", GPU_CHECK_TESTS=str(tests),
+        GPU_CHECK_TESTS_S="14", GPU_CHECK_TEST_TIMEOUT_S="3", GPU_CHECK_XDIST="0")
+    assert elapsed <= total + TOTAL_SLACK_S, f"took {elapsed:.0f} s of {total} s\n{log}"
+    assert proc.returncode != 0
+    kit = report["kit"]
+    tests_info = kit["tests"]
+    named = " ".join(tests_info.get("failures", [])) + tests_info.get("running_when_stopped", "")
+    assert "test_fails" in named and "test_hangs" in named, tests_info
+    assert "test_hangs" in md and "test_fails" in md
+    assert kit["phases"]["harness_status"].startswith(("rc", "killed")), kit["phases"]
+    assert report["speed"] and report["speed"][0]["impl"] == "attention"
+
+
+def test_preflight_failure_is_one_line_in_the_report(tmp_path, needs_bash):
+    """No GPU visible (the real check, without GPU_CHECK_SIMULATE): nothing is built or
+    run, exit status 2, and the report's first lines say why in one line."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TOTAL_S="60")
+    env.pop("GPU_CHECK_SIMULATE", None)
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    md = (tmp_path / "report.md").read_text()
+    first = md.splitlines()[2]
+    assert first.startswith("**GPU check stopped early: pre-flight failed: FAIL gpu:"), md[:600]
+    assert "torch.cuda.is_available() is False" in first
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kit"]["phases"]["build_status"] == "not run (pre-flight failed)"
+    assert not (tmp_path / "build.log").exists() and not (tmp_path / "tests.log").exists()
