@@ -48,4 +48,6 @@ def barrier(m: torch.Tensor, eps: float, target_margin: Optional[float] = None) 
     m0 = float(target_margin)
     # psi(m0) = -log m0 and psi'(m0) = -1/m0, since m0 > eps.
     hinge = value + math.log(m0) + (m - m0) / m0
-    return torch.where(m < m0, hinge, torch.zeros_like(hinge))
+    # ~(m >= m0), not m < m0: a NaN margin takes the hinge branch and stays
+    # NaN, instead of reading as "at the target" with a zero penalty.
+    return torch.where(m >= m0, torch.zeros_like(hinge), hinge)

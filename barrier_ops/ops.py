@@ -112,6 +112,12 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     k, w = _centred(k, _coupled_values(v, coupling), key_padding_mask)
     kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask)
+    # NaN/inf inputs must reach the result. A non-finite real key or value
+    # already does (the centring's means spread it over its head); a
+    # non-finite query can still end in a finite kappa on a backend that maps
+    # an all -inf logit row to zero weights (SDPA does): make it NaN here.
+    # An added NaN, not a torch.where: the gradient still flows (and is NaN).
+    kappa = kappa + torch.zeros_like(kappa).masked_fill(~torch.isfinite(q).all(-1), float("nan"))
     valid = valid_positions(B, T, causal, key_padding_mask, q.device)
     kappa = torch.where(valid[:, None, :], kappa, torch.zeros_like(kappa))
     return kappa, valid

@@ -102,6 +102,11 @@ def token_kappa_reference(
     wbar = torch.matmul(alpha, w)
     kappa = c * (torch.matmul(alpha, g.unsqueeze(-1)).squeeze(-1) - (kbar * wbar).sum(-1))
 
+    # A non-finite query makes its kappa NaN (an all -inf logit row would
+    # otherwise give zero weights and kappa 0); non-finite keys and values
+    # reach every row through 0 * inf in the products above.
+    # An added NaN, not a torch.where: the gradient still flows (and is NaN).
+    kappa = kappa + torch.zeros_like(kappa).masked_fill(~torch.isfinite(q).all(-1), float("nan"))
     valid = valid_positions(B, T, causal, key_padding_mask, q.device)
     kappa = torch.where(valid.view(B, 1, T), kappa, torch.zeros((), dtype=acc, device=q.device))
     return kappa, valid

@@ -72,6 +72,10 @@ struct KappaProblem {
 //   kappa [B, H, T]      0 at positions with no allowed key or a padded query
 //   lse   [B, H, T]      row log-sum-exp of the scaled logits, -inf there
 //   stats [B, H, T, 2d]  [kbar | wbar], 0 there
+// Validity is structural (a real query with a real allowed key), never read
+// from the results: at a valid position NaN/inf inputs give NaN (kappa, lse
+// or stats), so they reach the loss; the backward treats lse == -inf, and only
+// that, as "no gradient".
 struct KappaState {
   at::Tensor kappa, lse, stats;
 };

@@ -214,8 +214,8 @@ namespace {
 template <typename scalar_t>
 void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_t t0, int64_t nq,
                          int64_t T, int64_t d, double scale_d, CausalMode causal, const bool* mask_row,
-                         scalar_t* scores, scalar_t* accum, scalar_t* kappa, scalar_t* lse,
-                         scalar_t* stats) {
+                         int64_t first_real, scalar_t* scores, scalar_t* accum, scalar_t* kappa,
+                         scalar_t* lse, scalar_t* stats) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t width = 2 * d + 1;
@@ -235,6 +235,12 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
       const int64_t allowed_end = std::min(nk, causal_key_end(causal, t0 + i, T) - s0);
       const scalar_t block_max = detail::row_scale_max(row, nk, scale, allowed_end, key_mask);
       if (block_max == neg_inf) {
+        // No finite logit among this block's allowed keys. The max reduction
+        // skips NaN, so a NaN logit (NaN/inf in q or k) can land here: it
+        // poisons the row instead of vanishing with the block.
+        if (std::any_of(row, row + nk, [](scalar_t x) { return std::isnan(x); })) {
+          row_sum[i] = std::numeric_limits<scalar_t>::quiet_NaN();
+        }
         std::fill(row, row + nk, scalar_t(0));
         continue;
       }
@@ -253,8 +259,19 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
   }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t t = t0 + i;
-    const bool valid = row_sum[i] > 0 && (mask_row == nullptr || mask_row[t]);
+    // Validity is structural (a real query with a real allowed key), never
+    // read from the row sum: a NaN/inf input makes the sum NaN (or 0), and a
+    // test on it would report that row as invalid, i.e. a margin of exactly 1.
+    const bool valid =
+        (mask_row == nullptr || mask_row[t]) && first_real < causal_key_end(causal, t, T);
     if (!valid) continue;  // outputs keep their "invalid" fill: kappa 0, lse -inf, stats 0
+    if (!(row_sum[i] > 0)) {  // a valid row whose softmax is undefined: NaN, never a value
+      const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
+      kappa[t] = nan;
+      lse[t] = nan;
+      std::fill(stats + t * 2 * d, stats + (t + 1) * 2 * d, nan);
+      continue;
+    }
     const scalar_t inv = scalar_t(1) / row_sum[i];
     const scalar_t* acc_row = accum + i * width;
     scalar_t* stat_row = stats + t * 2 * d;
@@ -316,6 +333,15 @@ KappaState kappa_forward_cpu(const KappaProblem& problem) {
     scalar_t* kappa_ptr = kappa.data_ptr<scalar_t>();
     scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
     scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    // Per sequence, the first real key (T if none): query t has an allowed
+    // real key iff first_real < causal_key_end(t).
+    std::vector<int64_t> first_real(B, 0);
+    if (mask_ptr != nullptr) {
+      for (int64_t b = 0; b < B; ++b) {
+        const bool* row = mask_ptr + b * T;
+        first_real[b] = std::find(row, row + T, true) - row;
+      }
+    }
     at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
       const cpu::BlasOnCallingThread single_threaded_blas;
       std::vector<scalar_t> scores(kQueryBlock * kKeyBlock), accum(kQueryBlock * width);
@@ -327,8 +353,9 @@ KappaState kappa_forward_cpu(const KappaProblem& problem) {
         if (mask_row && std::none_of(mask_row + t0, mask_row + t0 + nq, [](bool x) { return x; }))
           continue;  // every query of the block is padding: no margins to compute
         forward_query_block<scalar_t>(q_ptr + (bh * T + t0) * d, packed_ptr + bh * T * width, t0,
-                                      nq, T, d, scale, causal, mask_row, scores.data(),
-                                      accum.data(), kappa_ptr + bh * T, lse_ptr + bh * T,
+                                      nq, T, d, scale, causal, mask_row, first_real[b],
+                                      scores.data(), accum.data(), kappa_ptr + bh * T,
+                                      lse_ptr + bh * T,
                                       stats_ptr + bh * T * 2 * d);
       }
     });
@@ -393,7 +420,10 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
     bool any_active = false;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = t0 + i;
-      const bool active = std::isfinite(head.lse[t]) && head.beta[t] != scalar_t(0);
+      // Invalid rows have lse = -inf. A NaN lse (a valid row with NaN/inf
+      // inputs) stays active, so its gradients are NaN as well, not 0.
+      const bool active = head.lse[t] != -std::numeric_limits<scalar_t>::infinity() &&
+                          head.beta[t] != scalar_t(0);
       scratch.active[i] = active;
       any_active = any_active || active;
       scalar_t kw = 0;

@@ -150,6 +150,10 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
 
   // ---- pass 1: row max and sum of exp (online), hence lse ----
   acc_t row_max = neg_inf, row_sum = 0;
+  // Whether the row has an allowed real key at all: validity is structural,
+  // never read from row_sum (NaN/inf inputs make it NaN or 0, and a test on it
+  // would report the row as invalid, i.e. a margin of exactly 1).
+  int any_allowed = 0;
   for (int kb = 0; kb < n_kblocks; ++kb) {
     const int64_t s0 = static_cast<int64_t>(kb) * BK;
     __syncthreads();  // the previous block's Ks / key_ok are no longer read
@@ -163,7 +167,10 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
     __syncwarp();
     acc_t local_max = neg_inf;
     for (int j = half * (BK / 2); j < (half + 1) * (BK / 2); ++j) {
-      if (allowed(j, s0 + j)) local_max = max(local_max, p.scale * S_warp[(lane >> 1) * LDS + j]);
+      if (allowed(j, s0 + j)) {
+        any_allowed = 1;
+        local_max = max(local_max, p.scale * S_warp[(lane >> 1) * LDS + j]);
+      }
     }
     const acc_t block_max = max(local_max, shfl_xor(local_max, 1));
     const acc_t new_max = max(row_max, block_max);
@@ -182,8 +189,14 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
       row_max = new_max;
     }
   }
-  const bool valid = query_real && row_sum > acc_t(0);
-  const acc_t row_lse = valid ? row_max + acc_log(row_sum) : neg_inf;
+  any_allowed |= shfl_xor(any_allowed, 1);
+  const bool valid = query_real && any_allowed != 0;
+  // A valid row whose softmax is undefined (row_sum NaN, or 0 when every
+  // logit is NaN / -inf) gets lse NaN: pass 2 then makes kappa and stats NaN,
+  // and the backward (which skips only lse == -inf) NaN gradients.
+  const acc_t row_lse = !valid                 ? neg_inf
+                        : row_sum > acc_t(0) ? row_max + acc_log(row_sum)
+                                             : std::numeric_limits<acc_t>::quiet_NaN();
 
   // ---- pass 2: alpha = exp(z - lse); accumulate alpha [k | w] and alpha g ----
   typename Mma::Acc acc_k[D / 16], acc_w[D / 16];
@@ -234,7 +247,8 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   }
   weight_sum += shfl_xor(weight_sum, 1);
   g_sum += shfl_xor(g_sum, 1);
-  const acc_t inv = (valid && weight_sum > acc_t(0)) ? acc_t(1) / weight_sum : acc_t(0);
+  // NaN weights (NaN lse) keep kappa NaN instead of dividing to 0.
+  const acc_t inv = valid ? acc_t(1) / weight_sum : acc_t(0);
 
   // ---- epilogue: stats = [kbar | wbar], kappa, lse ----
   // The warp's own score rows are free now and serve as its staging area.
@@ -309,8 +323,9 @@ __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restri
   gc[row] = gdot;
   if (stats != nullptr) {
     hbar[row] = kappa[row] / scale + corr;
-    // NaN beta stays "active" so it propagates as on CPU.
-    const bool active = isfinite(lse[row]) && beta[row] != acc_t(0);
+    // Invalid rows have lse = -inf. NaN beta and NaN lse (a valid row with
+    // NaN/inf inputs) stay "active" so they propagate as on CPU.
+    const bool active = lse[row] != -std::numeric_limits<acc_t>::infinity() && beta[row] != acc_t(0);
     beta_c[row] = active ? beta[row] * scale : acc_t(0);
   }
 }

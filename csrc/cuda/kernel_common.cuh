@@ -334,8 +334,8 @@ at::Tensor key_value_means(const KappaProblem& problem);
 //                 = sum_s alpha_ts (gc_s - <k_s, r(wbarc_t)> - <r(kbarc_t), w_s>),
 //     i.e. the alpha-mean of exactly the h the kernels form from the rounded
 //     tiles, so h - hbar has no rounding mismatch;
-//   beta_c[b,h,t] = beta_t * c at active rows (finite lse, beta != 0), else 0
-//     (NaN beta stays active and propagates).
+//   beta_c[b,h,t] = beta_t * c at active rows (lse != -inf, beta != 0), else 0
+//     (NaN beta and NaN lse stay active and propagate).
 void prepare_rows(const KappaProblem& problem, const at::Tensor& mu, const KappaState* state,
                   const at::Tensor& beta, at::Tensor& gc, at::Tensor& hbar,
                   at::Tensor& beta_c);
