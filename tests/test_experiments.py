@@ -323,7 +323,7 @@ def test_demo_explains_itself(tmp_path, capsys):
     root = tmp_path / "demo"
     demo.main(["--config", str(path), "--root", str(root)])
     out = capsys.readouterr()
-    assert "CE + 0.1 x target-margin barrier, m0 = 2" in out.out and "| CE only |" in out.out
+    assert "CE + 0.1 x target-margin barrier, m0 = 2" in out.out and "| CE only " in out.out
     assert "x embedding RMS" in out.out and "support token at t = 0" in out.out
     assert f"wrote {root}/results.csv" in out.out
     assert (root / "tm2_lam0.1_seed0" / "summary.json").is_file()

@@ -18,22 +18,40 @@ import argparse
 import copy
 import os
 import sys
+import textwrap
 from typing import Dict, List
 
 from .config import GridEntry, load_config, variant_name
-from .plots import make_all, sigma_label, variant_label
+from .plots import make_all, variant_label
 from .sweep import plan_runs, read_csv, run_sweep
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "chargpt", "cpu_demo.yaml")
 
 PAPER_LAMBDA = 0.02  # --paper without --lambda: the paper's best lambda_m
 
-FIGURE_NOTES = {
-    "curves.png": "training curves: train (dashed) and validation (solid) bits per character",
-    "noise.png": "BPC as Gaussian noise of growing std is added to the token embeddings",
-    "margins.png": "every token's stability margin (log scale) and where each window's support token sits",
-    "margin_curves.png": "mean and minimum margin per layer during training",
+WIDTH = 100  # every line of the demo's output fits a terminal this wide
+
+FIGURE_NOTES = {  # short: "wrote runs/demo/figures/<name>: <note>" fits WIDTH
+    "curves.png": "train (dashed) and validation (solid) BPC during training",
+    "noise.png": "BPC as Gaussian noise on the token embeddings grows",
+    "margins.png": "every token's stability margin; where the support tokens sit",
+    "margin_curves.png": "mean and smallest margin per layer during training",
 }
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _grid(header: List[str], body: List[List[str]]) -> List[str]:
+    """A markdown table with padded columns (reads as a table on a terminal, renders as one in markdown)."""
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body]
+
+
+def _short_sigma(key: str) -> str:
+    return f"{key[2:]} x RMS" if key.startswith("_r") else f"sigma {key}"
 
 
 def _barrier_entry(cfg, lam, target_margin, paper):
@@ -53,24 +71,48 @@ def _barrier_entry(cfg, lam, target_margin, paper):
     return lam, m0
 
 
+def _model_name(r: Dict) -> str:
+    return "CE only" if float(r["lambda"]) == 0 else "CE + barrier"
+
+
 def _table(rows: List[Dict], sigma_keys: List[str]) -> str:
+    """Two tables that fit WIDTH columns: BPC clean and under noise (with each barrier's change against CE),
+    and the margin statistics per layer; each followed by what its columns mean."""
     ce = next((r for r in rows if float(r["lambda"]) == 0), None)
-    head = ("| model | clean val BPC | vs CE | " + " | ".join(f"BPC, {sigma_label(k, rows)}" for k in sigma_keys)
-            + " | median margin (l0, l1) | min margin | support token at t = 0 |")
-    lines = [head, "|" + "---|" * (6 + len(sigma_keys))]
+    keys = ["bpc"] + [f"bpc_sigma{k}" for k in sigma_keys]
+    body = []
     for r in rows:
-        lam = float(r["lambda"])
-        name = "CE only" if lam == 0 else f"CE + {lam:g} x {variant_label(r.get('variant') or 'paper')}"
-        rel = "" if ce is None or lam == 0 else f"{100 * (float(r['bpc']) / float(ce['bpc']) - 1):+.1f}%"
-        layers = sorted(int(k.rsplit("_l", 1)[1]) for k in r if k.startswith("margin_min_l"))
-        med = ", ".join(f"{float(r[f'margin_median_l{i}']):.3g}" for i in layers if f"margin_median_l{i}" in r)
-        mins = min(float(r[f"margin_min_l{i}"]) for i in layers)
-        pos0 = ", ".join(f"{100 * float(r[f'support_pos0_frac_l{i}']):.0f}%" for i in layers
-                         if f"support_pos0_frac_l{i}" in r)
-        lines.append(f"| {name} | {float(r['bpc']):.3f} | {rel} | "
-                     + " | ".join(f"{float(r['bpc_sigma' + k]):.3f}" for k in sigma_keys)
-                     + f" | {med} | {mins:.3g} | {pos0} |")
-    return "\n".join(lines)
+        body.append([_model_name(r)] + [f"{float(r[k]):.3f}" for k in keys])
+        if ce is not None and r is not ce:
+            body.append(["  change vs CE"] + [f"{100 * (float(r[k]) / float(ce[k]) - 1):+.1f}%" for k in keys])
+    out = [_wrap("Bits per character on validation text (BPC, lower is better), clean and with Gaussian noise "
+                 "of std sigma on every token embedding (mean over draws):"), ""]
+    out += _grid(["model", "clean"] + [_short_sigma(k) for k in sigma_keys], body)
+    out.append("")
+    rms = [float(r["emb_rms"]) for r in rows if r.get("emb_rms") not in (None, "")]
+    if rms:
+        rms_mean = sum(rms) / len(rms)
+        scaled = [f"{k} = {float(k) / rms_mean:.2g} x embedding RMS" for k in sigma_keys if not k.startswith("_r")]
+        out.append(_wrap(f"RMS: the RMS of the models' token embeddings (mean {rms_mean:.3g})"
+                         + ("; " + ", ".join(scaled) if scaled else "") + "."))
+    layers = sorted(int(k.rsplit("_l", 1)[1]) for k in rows[0] if k.startswith("margin_min_l"))
+
+    def cell(r, key, fmt):
+        v = r.get(key)
+        return "-" if v in (None, "") else fmt(float(v))
+
+    body = []
+    for r in rows:
+        for i in layers:
+            body.append([_model_name(r) if i == layers[0] else "", str(i),
+                         cell(r, f"margin_median_l{i}", lambda v: f"{v:.3g}"),
+                         cell(r, f"margin_min_l{i}", lambda v: f"{v:.3g}"),
+                         cell(r, f"support_pos0_frac_l{i}", lambda v: f"{100 * v:.0f}%"),
+                         cell(r, f"support_pos_excl0_mean_l{i}", lambda v: f"{v:.1f}")])
+    out += ["", _wrap("Stability margins m = 1 - sum_h kappa_h of every validation token, per attention layer:"), ""]
+    out += _grid(["model", "layer", "median m", "min m", "support token at t = 0", "mean support t (t >= 1)"],
+                 body)
+    return "\n".join(out)
 
 
 def main(argv=None) -> None:
@@ -99,9 +141,11 @@ def main(argv=None) -> None:
     cfg = copy.deepcopy(cfg)
     cfg.sweep.grid = [GridEntry("ce", None, [0.0]), GridEntry(variant_name(lam, m0), m0, [lam])]
     barrier = variant_label(variant_name(lam, m0))
-    print(f"demo: training a {cfg.model.n_layer}-layer char GPT (n_embd {cfg.model.n_embd}, context "
-          f"{cfg.model.block_size}) twice on the {'built-in KJV corpus' if cfg.data.path is None else cfg.data.path}: "
-          f"CE only, and CE + {lam:g} x {barrier}. Output: {args.root}/", flush=True)
+    corpus = "the built-in KJV corpus" if cfg.data.path is None else cfg.data.path
+    print(_wrap(f"demo: training a {cfg.model.n_layer}-layer char GPT (n_embd {cfg.model.n_embd}, context "
+                f"{cfg.model.block_size}) twice on {corpus}, writing to {args.root}/:"))
+    print("  CE only, and")
+    print(f"  CE + barrier = CE + {lam:g} x {barrier}", flush=True)
     rows = run_sweep(cfg, args.root, seeds=[args.seed], progress=not args.no_progress, log=lambda *a: None)
     rows = read_csv(os.path.join(args.root, "results.csv"))
     keys = [k[len("bpc_sigma"):] for k in rows[0] if k.startswith("bpc_sigma") and k != "bpc_sigma0"]
@@ -111,21 +155,20 @@ def main(argv=None) -> None:
     print()
     print(_table(rows, shown))
     print()
-    print("BPC: bits per character on validation text (lower is better). Noisy columns add Gaussian noise of std "
-          "sigma to every token embedding (averaged over draws). Margin m = 1 - sum_h kappa_h of each token: "
-          "the trace of the attention layer's diagonal Jacobian block; m near 0 means the layer is close to "
-          "singular for that token. The support token is a window's smallest margin. Position 0 attends only to "
-          "itself, so its margin is 1 exactly: once a barrier lifts the other margins above 1, the support token "
-          "is position 0 (the last column; figures/margins.png shows where it sits among t >= 1). The paper's "
-          "barrier -log m keeps rewarding larger margins (they grow to the hundreds and beyond); the "
-          "target-margin barrier stops at m0.")
+    print(_wrap("A margin near 0 means the attention layer is close to singular for that token (its Jacobian "
+                "block I - J_t loses rank); CE models sit near 1. The support token is a window's smallest "
+                "margin. Position 0 attends only to itself, so its margin is exactly 1: once a barrier lifts "
+                "every other margin above 1, the support token is position 0 (column 'support token at t = 0'; "
+                "'min m' then reads 1) and the last column says where the smallest margin among t >= 1 sits "
+                "(figures/margins.png shows it). The paper's barrier -log m keeps rewarding larger margins "
+                "(they grow to the hundreds and beyond); the target-margin barrier stops at m0."))
     figures = args.figures or os.path.join(args.root, "figures")
     paths = make_all(args.root, figures, lam, seed=args.seed, compare_target_margin=m0)
     print()
     run_dirs = ", ".join(os.path.join(args.root, r.dir_name) for r in plan_runs(cfg, seeds=[args.seed]))
-    print(f"wrote {os.path.join(args.root, 'results.csv')} (one row per model, every noise level and margin "
-          f"statistic) and, per model ({run_dirs}): config.yaml, metrics.jsonl (curves), summary.json (all "
-          "results), model.pt (weights)")
+    print(_wrap(f"wrote {os.path.join(args.root, 'results.csv')} (one row per model, every noise level and "
+                f"margin statistic) and, per model ({run_dirs}): config.yaml, metrics.jsonl (curves), "
+                "summary.json (all results), model.pt (weights)", "  "))
     for path in paths:
         print(f"wrote {path}: {FIGURE_NOTES.get(os.path.basename(path), '')}")
     sys.stdout.flush()
