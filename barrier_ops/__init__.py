@@ -1,15 +1,21 @@
 """barrier_ops: fused C++/CUDA ops for the stability-margin log-barrier of causal attention.
 
-Public API::
+Public API (q: [B, H, T, d]; k: [B, Hkv, T, d]; v: [B, Hkv, T, dv], the SDPA layout)::
 
-    token_margins(q, k, v, *, coupling=None, scale=None, causal=True,
-                  key_padding_mask=None, combine_heads=False) -> Tensor
-    margin_barrier_loss(q, k, v, *, ..., eps=1e-2, reduction="mean") -> Tensor
+    token_margins(q, k, v, *, coupling=None, scale=None, causal=True, key_padding_mask=None,
+                  combine_heads=False, backend="auto") -> Tensor            # m = 1 - kappa
+    margin_barrier_loss(q, k, v, *, coupling=None, scale=None, causal=True, key_padding_mask=None,
+                        combine_heads=False, eps=1e-2, target_margin=None, reduction="mean",
+                        backend="auto") -> Tensor
     support_token_argmin(margins, key_padding_mask=None) -> (indices, values)
-    attach(model, weight=0.02, *, layers=None, coupling="identity", ...) -> handle
+    attach(model, weight=0.02, *, layers=None, coupling="identity", combine_heads=False, eps=1e-2,
+           target_margin=None, causal=None, backend="auto", ...) -> handle
     detach(model); get_handle(model)   (training integration, docs/integrations.md)
 
-The pure-PyTorch reference of the same math is in :mod:`barrier_ops.reference`.
+``causal``: True (keys s <= t), "strict" (s < t, the paper's setting) or False.
+``target_margin=m0``: a hinge that costs nothing for margins >= m0 (None: the paper's -log m).
+``backend``: "auto", "fused" (the compiled kernels) or "sdpa" (PyTorch's attention kernels).
+The math is in docs/math.md; the pure-PyTorch reference of it is :mod:`barrier_ops.reference`.
 """
 
 from .ops import margin_barrier_loss, support_token_argmin, token_margins
