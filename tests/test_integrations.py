@@ -349,17 +349,21 @@ def test_hf_num_items_in_batch_accumulation_matches_big_batch():
     torch.testing.assert_close(barrier_ops.get_handle(model).stats.loss_term, term.detach(), rtol=0, atol=TOL)
 
 
-def test_hf_gradient_checkpointing_matches():
+@pytest.mark.parametrize("num_items", [None, "tensor"])
+def test_hf_gradient_checkpointing_matches(num_items):
     idx, mask, labels = _padded_batch()
+    # Trainer passes num_items_in_batch as a tensor: dividing by it inside the checkpointed
+    # block would save one tensor more in the forward than in the recomputation.
+    kwargs = {} if num_items is None else {"num_items_in_batch": labels[:, 1:].ne(-100).sum()}
     model = H.tiny_llama()
     ckpt = H.clone(model)
     barrier_ops.attach(model, 0.3, coupling="weights")
     barrier_ops.attach(ckpt, 0.3, coupling="weights")
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train(), ckpt.train()
-    loss = model(input_ids=idx, attention_mask=mask, labels=labels).loss
+    loss = model(input_ids=idx, attention_mask=mask, labels=labels, **kwargs).loss
     loss.backward()
-    closs = ckpt(input_ids=idx, attention_mask=mask, labels=labels).loss
+    closs = ckpt(input_ids=idx, attention_mask=mask, labels=labels, **kwargs).loss
     closs.backward()
     torch.testing.assert_close(closs, loss, rtol=0, atol=1e-7)
     assert_grads_close(H.grads(ckpt), H.grads(model), tol=1e-9)
@@ -418,10 +422,10 @@ def test_hf_attention_layer_compiles_fullgraph(arch):
     hidden, kwargs = _attention_inputs(model, arch)
     results = []
     for fn in (attn, torch.compile(attn, backend="aot_eager", fullgraph=True)):
-        handle._begin()
+        handle._begin(model, {})
         out, _ = fn(hidden, attention_mask=None, **kwargs)
-        assert len(handle._penalties) == 1
-        results.append((out, handle._finish()))
+        assert len(handle._state.penalties) == 1
+        results.append((out, handle._finish(model)[1]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=TOL)
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
-from ._core import HANDLE_ATTR, BarrierHandle, BarrierStats, LayerStats, check_options
+from ._core import HANDLE_ATTR, BarrierHandle, BarrierStats, DeleteAttr, LayerStats, check_options
 
 __all__ = [
     "attach",
@@ -36,12 +36,22 @@ __all__ = [
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model under DDP / FSDP1 (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The user's model under DDP / FSDP1 (``.module``), torch.compile (``._orig_mod``) and PEFT wrappers.
+
+    PEFT's ``PeftModel`` calls its base model (``get_base_model()``) through
+    ``__call__``, so the base model's hooks run on every forward of the PEFT
+    model; its layers (with their LoRA projections) are the ones to attach to.
+    """
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
             continue
+        if type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                continue
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and type(model).__name__ in (
             "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
@@ -71,6 +81,7 @@ def attach(
     causal: Optional[Union[bool, str]] = None,
     backend: str = "auto",
     track_stats: bool = True,
+    term_in_eval: bool = False,
 ) -> BarrierHandle:
     """Add ``weight * mean_over_layers(margin barrier)`` to the loss ``model`` returns.
 
@@ -81,17 +92,29 @@ def attach(
     returned loss: ``ModelOutput.loss`` for transformers models, the ``loss`` of
     a nanoGPT ``(logits, loss)`` tuple. Logits are unchanged; a forward without
     labels/targets returns no loss and gets none, but statistics are recorded.
+    The term is added only while the model is in training mode (``model.train()``);
+    eval forwards record statistics and return the plain loss
+    (``term_in_eval=True``: add it in eval too).
+
+    Losses computed outside the model (cross-entropy from the logits, Lightning,
+    plain loops) add ``handle.term()``, the same differentiable term
+    (:meth:`BarrierHandle.term`); a training forward whose term never enters a
+    backward is warned about once. ``transformers.Trainer`` subclasses whose
+    ``compute_loss`` ignores the model's loss (TRL's ``SFTTrainer``) get the
+    term added to their loss automatically.
 
     Args:
-        model: a transformers ``PreTrainedModel`` or a nanoGPT-style model
-            (wrappers from DDP, FSDP1 and torch.compile are looked through;
-            attach before wrapping when you can).
+        model: a transformers ``PreTrainedModel`` (also inside a PEFT
+            ``PeftModel``) or a nanoGPT-style model (wrappers from DDP, FSDP1,
+            torch.compile and PEFT are looked through; attach before wrapping
+            when you can).
         weight: lambda, the barrier's weight (the paper's best was about 0.02).
         layers: which attention layers: None (all), or positions (ints, in
             module order; negative counts from the end) and/or module names.
         coupling: ``"identity"`` (``A_h = I``) or ``"weights"`` (the exact
             ``A_h = W_Q^h W_O^h`` built from the layer's projections inside the
-            forward and differentiated through).
+            forward and differentiated through; LoRA-adapted projections give
+            ``W0 + scaling * B A`` of their active adapters).
         combine_heads: barrier on the layer margin ``1 - sum_h kappa_h`` instead
             of per-head margins.
         eps: where the barrier turns from ``-log m`` to its quadratic extension.
@@ -105,6 +128,8 @@ def attach(
             (:mod:`barrier_ops.backends`).
         track_stats: keep per-layer margin statistics of every forward in
             ``handle.stats`` (a few small reductions per layer).
+        term_in_eval: also add the term to the loss of eval-mode forwards
+            (the behaviour before 0.2; biases validation losses by the term).
 
     Loss normalisation: when the forward receives ``num_items_in_batch`` (as
     ``transformers.Trainer`` passes it), each layer's barrier is the *sum* over
@@ -117,11 +142,12 @@ def attach(
         The :class:`BarrierHandle` (options, ``stats``, ``enabled``, ``detach()``).
 
     Raises:
-        ValueError: already attached, no attention layer found, bad option.
+        ValueError: already attached, no attention layer found, bad option
+            (or, with ``coupling="weights"``, projections it cannot read).
         TypeError: an option of the wrong type.
     """
     weight, eps, target_margin = check_options(
-        weight, coupling, combine_heads, eps, target_margin, causal, backend
+        weight, coupling, combine_heads, eps, target_margin, causal, backend, term_in_eval
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -137,7 +163,7 @@ def attach(
     handle = BarrierHandle(
         model, weight=weight, coupling=coupling, combine_heads=combine_heads, eps=eps,
         target_margin=target_margin, causal=causal, backend=backend,
-        track_stats=bool(track_stats), kind=kind,
+        track_stats=bool(track_stats), kind=kind, term_in_eval=term_in_eval,
     )
     if kind == "hf":
         from . import hf as adapter
@@ -151,12 +177,7 @@ def attach(
         handle.detach()
         raise
     setattr(model, HANDLE_ATTR, handle)
-
-    def forget():
-        if HANDLE_ATTR in model.__dict__:
-            delattr(model, HANDLE_ATTR)
-
-    handle._undo.insert(0, forget)
+    handle._undo.insert(0, DeleteAttr(model, HANDLE_ATTR))
     return handle
 
 

@@ -5,13 +5,20 @@ layer holds a :class:`_LayerState` that knows how to build the layer's coupling
 and calls :meth:`BarrierHandle._record` with the q, k, v the layer attends with.
 A forward pre-hook on the top model opens a collection window, a forward hook
 closes it and adds ``weight * mean_over_layers(penalty)`` to the loss the model
-returns. Everything that runs inside ``forward`` is plain tensor code plus list
-and attribute mutation, which torch.compile traces without a graph break.
+returns (in training mode) and keeps it for :meth:`BarrierHandle.term`.
+Everything that runs inside ``forward`` is plain tensor code plus list and
+attribute mutation, which torch.compile traces without a graph break.
+
+The per-forward state lives in a ``threading.local``: threads running
+forwards of one model (``nn.DataParallel`` replicas, a served model) do not
+mix their layers. Hooks and undo steps are objects, not closures, so a deep
+copy or a pickle of an attached model is an attached model of its own.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,7 +56,7 @@ def padding_from_attention_mask(mask: Any, batch: int, length: int) -> Optional[
             "BlockMask is not supported"
         )
     if mask.dim() == 2:
-        real = mask if mask.dtype == torch.bool else mask > 0
+        real = mask if mask.dtype == torch.bool else mask != 0
         return real[:, -length:].expand(batch, length)
     if mask.dim() != 4:
         raise ValueError(
@@ -77,12 +84,23 @@ class LayerStats:
 
 @dataclass
 class BarrierStats:
-    """What the last forward of an attached model computed."""
+    """What the last forward of an attached model computed.
 
-    penalty: Optional[torch.Tensor] = None  # mean over layers of the layer penalties
-    loss_term: Optional[torch.Tensor] = None  # weight * penalty, the term added to the loss
+    ``penalty`` is the barrier itself, ``mean_over_layers(mean_t psi(m_t))``
+    (sums divided by ``num_items_in_batch`` under that normalisation), before
+    the weight. Its sign is the barrier's: with the paper's ``psi(m) = -log m``
+    it is negative whenever the margins are above 1 (the barrier then rewards
+    larger margins; only its gradient trains), with a ``target_margin`` it is
+    ``>= 0`` and 0 once every margin reaches the target. ``loss_term`` is
+    ``weight * penalty``, the term added to the loss (``added`` says whether
+    this forward added it: False for eval forwards unless ``term_in_eval``).
+    """
+
+    penalty: Optional[torch.Tensor] = None  # the barrier, mean over layers (sign: see above)
+    loss_term: Optional[torch.Tensor] = None  # weight * penalty
     normalization: str = "mean"  # "mean" or "num_items_in_batch"
     layers: List[LayerStats] = field(default_factory=list)
+    added: bool = True  # whether loss_term was added to the loss this forward returned
 
     def tensors(self, prefix: str = "barrier/") -> Dict[str, torch.Tensor]:
         """Flat ``{name: 0-d tensor}`` (no host sync). Names ending in ``margin_min`` are minima."""
@@ -106,14 +124,94 @@ class BarrierStats:
         return {k: float(v) for k, v in self.tensors(prefix).items()}
 
 
+class _TermRecord:
+    """The term of one forward, and whether a backward has reached it.
+
+    The tensor added to the model's loss (``placed``) and the one
+    :meth:`BarrierHandle.term` hands out (``user``) are separate autograd nodes
+    with a gradient hook each, so the handle can tell, at the next training
+    forward, whether the term entered a backward at all, and whether it
+    entered it twice.
+    """
+
+    __slots__ = ("term", "placed", "user", "loss_grad", "user_grad", "tracked")
+
+    def __init__(self, term: Optional[torch.Tensor]):
+        self.term = term
+        self.placed: Optional[torch.Tensor] = None
+        self.user: Optional[torch.Tensor] = None
+        self.loss_grad = False
+        self.user_grad = False
+        # Inside a region dynamo traces, a gradient hook that sets a flag is a side effect
+        # it refuses (fullgraph) or breaks the graph on: such terms go untracked.
+        self.tracked = not torch.compiler.is_compiling()
+
+    @property
+    def trainable(self) -> bool:
+        return self.term is not None and self.term.requires_grad
+
+    def place(self) -> torch.Tensor:
+        """The tensor to add to the loss the model returns."""
+        if not self.trainable or not self.tracked:
+            return self.term
+        placed = self.term.clone()
+        placed.register_hook(self._mark_loss)
+        self.placed = placed
+        return placed
+
+    def take(self) -> torch.Tensor:
+        """The tensor :meth:`BarrierHandle.term` returns (the same one on every call)."""
+        if self.term is None:
+            return torch.zeros(())
+        if not self.trainable or not self.tracked or torch.compiler.is_compiling():
+            return self.term
+        if self.user is None:
+            user = self.term.clone()
+            user.register_hook(self._mark_user)
+            self.user = user
+        return self.user
+
+    def nodes(self) -> List[Any]:
+        """The autograd nodes through which the term enters a loss."""
+        if not self.tracked:  # no tap: the term's own node
+            return [] if self.term is None or self.term.grad_fn is None else [self.term.grad_fn]
+        return [t.grad_fn for t in (self.placed, self.user) if t is not None and t.grad_fn is not None]
+
+    def _mark_loss(self, grad):
+        self.loss_grad = True
+
+    def _mark_user(self, grad):
+        self.user_grad = True
+
+
+class _ThreadState(threading.local):
+    """Per-thread state of the forward in progress (threads running forwards of one model do not mix)."""
+
+    def __init__(self):
+        self.collecting = False
+        self.grad_at_begin = False
+        self.training = True
+        self.num_items: Optional[Union[int, torch.Tensor]] = None
+        # num_items_in_batch for forwards that do not receive it (set by trainer integrations).
+        self.default_num_items: Optional[Union[int, torch.Tensor]] = None
+        self.penalties: List[torch.Tensor] = []
+        self.layer_stats: List[LayerStats] = []
+        self.record: Optional[_TermRecord] = None
+
+
 class _LayerState:
-    """Per-layer settings, attached to the attention module as ``_barrier_ops_layer``."""
+    """Per-layer settings, attached to the attention module as ``_barrier_ops_layer``.
+
+    ``coupling_fn(module, heads, dtype)`` builds the layer's couplings from
+    the projections ``module`` has at call time (so adapters added later, and
+    their training, are seen).
+    """
 
     def __init__(
         self,
         handle: "BarrierHandle",
         name: str,
-        coupling_fn: Optional[Callable[[int, torch.dtype], torch.Tensor]],
+        coupling_fn: Optional[Callable[[torch.nn.Module, int, torch.dtype], torch.Tensor]],
         original: Optional[Callable] = None,
     ):
         self.handle = handle
@@ -122,13 +220,23 @@ class _LayerState:
         self.original = original
 
 
+# warn <- _warn_once <- _check_previous <- _begin <- pre-hook <- Module._call_impl's inner call
+# <- Module._call_impl <- _wrapped_call_impl <- the caller of model(...)
+_USER_FRAME = 8
+CUSTOM_LOSS_DOCS = "docs/integrations.md, 'Custom losses: handle.term()'"
+
+
 class BarrierHandle:
     """The result of :func:`barrier_ops.attach`; also reachable as ``barrier_ops.get_handle(model)``.
 
     Attributes:
-        weight, coupling, combine_heads, eps, layer_names: the options in use.
+        weight, coupling, combine_heads, eps, target_margin, causal, backend,
+        term_in_eval, layer_names: the options in use.
         stats: :class:`BarrierStats` of the most recent forward (detached).
         enabled: set to False to skip the penalty (and its cost) temporarily.
+
+    :meth:`term` gives the differentiable term of the most recent training
+    forward, for losses computed outside the model.
     """
 
     def __init__(
@@ -144,6 +252,7 @@ class BarrierHandle:
         target_margin: Optional[float] = None,
         causal: Optional[Union[bool, str]] = None,
         backend: str = "auto",
+        term_in_eval: bool = False,
     ):
         self.model = model
         self.weight = weight
@@ -153,27 +262,78 @@ class BarrierHandle:
         self.target_margin = target_margin
         self.causal = causal  # None: each layer's own
         self.backend = backend
+        self.term_in_eval = term_in_eval
         self.track_stats = track_stats
         self.kind = kind
         self.enabled = True
         self.layer_names: List[str] = []
         self.stats = BarrierStats()
-        self._collecting = False
-        self._warned = False
-        self._grad_at_begin = False
-        self._num_items: Optional[Union[int, torch.Tensor]] = None
-        self._penalties: List[torch.Tensor] = []
-        self._layer_stats: List[LayerStats] = []
+        self._warned: set = set()
+        self._state = _ThreadState()
+        self._last_num_items: Optional[Union[int, torch.Tensor]] = None
         self._undo: List[Callable[[], None]] = []
+
+    # -- copies: deepcopy / pickle give an independent handle ---------------------
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_state"]  # per-thread, per-forward: a copy starts with none
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._state = _ThreadState()
+        if self.kind == "hf" and self._undo:
+            # In a fresh process the config names an attention implementation
+            # ("barrier_sdpa") that nobody has registered yet.
+            from . import hf
+
+            hf.register_for(self)
 
     # -- called from inside the model's forward ---------------------------------
 
-    def _begin(self, num_items_in_batch=None) -> None:
-        self._collecting = True
-        self._grad_at_begin = torch.is_grad_enabled()
-        self._num_items = num_items_in_batch
-        self._penalties = []
-        self._layer_stats = []
+    def _begin(self, module: torch.nn.Module, kwargs) -> None:
+        state = self._state
+        grad = torch.is_grad_enabled()
+        training = bool(module.training)
+        if grad and training and not torch.compiler.is_compiling():
+            self._check_previous(state.record)
+        state.collecting = True
+        state.grad_at_begin = grad
+        state.training = training
+        num_items = kwargs.get("num_items_in_batch")
+        state.num_items = state.default_num_items if num_items is None else num_items
+        self._last_num_items = state.num_items
+        state.penalties = []
+        state.layer_stats = []
+
+    def _check_previous(self, record: Optional[_TermRecord]) -> None:
+        """Warn (once each) when the previous training forward's term trained nothing, or trained twice."""
+        if record is None or not record.trainable or not record.tracked:
+            return
+        if not (record.loss_grad or record.user_grad):
+            self._warn_once(
+                "lost",
+                "barrier_ops: the barrier term of the previous training forward never entered a backward, so "
+                "it did not train the model (the loss that was backpropagated does not contain it: a loss "
+                "computed from the logits, or a trainer that ignores the model's loss). Add "
+                f"barrier_ops.get_handle(model).term() to that loss; see {CUSTOM_LOSS_DOCS}",
+                stacklevel=_USER_FRAME,
+            )
+        elif record.loss_grad and record.user_grad:
+            self._warn_once(
+                "twice",
+                "barrier_ops: the barrier term of the previous training forward entered the backward twice: "
+                "once through the loss the model returned (which already contains it) and once through "
+                f"handle.term(). Use one of them; see {CUSTOM_LOSS_DOCS}",
+                stacklevel=_USER_FRAME,
+            )
+
+    def _warn_once(self, key: str, message: str, stacklevel: int = 2) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     def _record(
         self,
@@ -185,6 +345,7 @@ class BarrierHandle:
         scale: Optional[float],
         causal: bool,
         key_padding_mask: Optional[torch.Tensor],
+        module: Optional[torch.nn.Module] = None,
     ) -> None:
         """Compute one layer's barrier from the q, k, v it attends with and keep it for the hook."""
         if not self.enabled:
@@ -192,18 +353,22 @@ class BarrierHandle:
         # Decoding with a KV cache (fewer queries than keys) has no margins to regularise.
         if q.shape[2] != k.shape[2] or q.shape[2] == 0:
             return
-        if self._collecting and self._grad_at_begin and not torch.is_grad_enabled() and not self._warned:
+        state = self._state
+        if state.collecting and state.grad_at_begin and not torch.is_grad_enabled():
             # The model's forward started with gradients on, this layer runs without:
             # reentrant activation checkpointing runs the block under no_grad and
             # backpropagates only the block's outputs, so this term gets no gradient.
-            self._warned = True
-            warnings.warn(
+            self._warn_once(
+                "no_grad",
                 "barrier_ops: the barrier was computed with gradients disabled in training mode, so it "
                 "will not train the model; with activation checkpointing use use_reentrant=False",
-                stacklevel=2,
             )
-        coupling = None if layer.coupling_fn is None else layer.coupling_fn(q.shape[1], q.dtype)
-        reduction = "mean" if self._num_items is None else "sum"
+        coupling = None if layer.coupling_fn is None else layer.coupling_fn(module, q.shape[1], q.dtype)
+        # Activation checkpointing recomputes the layer in the backward, on autograd's
+        # device thread for CUDA tensors: take the normalisation of the forward that
+        # began last, so the recomputation runs the same op.
+        num_items = state.num_items if state.collecting else self._last_num_items
+        reduction = "mean" if num_items is None else "sum"
         if self.causal is not None:
             causal = self.causal
         barrier, margins = barrier_and_margins(
@@ -213,34 +378,100 @@ class BarrierHandle:
             reduction=reduction, backend=self.backend,
         )
         # Recomputation under activation checkpointing calls the layer again after
-        # the hook has run: the op must run again (the checkpoint replays the same
-        # saved tensors), but its result belongs to no forward and is dropped.
-        if not self._collecting:
+        # the hook has run (in the backward, possibly on autograd's own thread): the
+        # op must run again (the checkpoint replays the same saved tensors), but its
+        # result belongs to no forward and is dropped.
+        if not state.collecting:
             return
-        if self._num_items is not None:
-            barrier = barrier / self._num_items
-        self._penalties.append(barrier)
+        # Division by num_items_in_batch happens in _finish, outside any checkpointed
+        # region: a tensor divisor is saved for the backward, and the recomputation
+        # (which returns above) must save exactly the tensors the forward saved.
+        state.penalties.append(barrier)
         if self.track_stats:
-            self._layer_stats.append(_layer_stats(layer.name, barrier, margins, key_padding_mask, causal))
+            shown = barrier.detach() if num_items is None else barrier.detach() / num_items
+            state.layer_stats.append(_layer_stats(layer.name, shown, margins, key_padding_mask, causal))
 
-    def _finish(self) -> Optional[torch.Tensor]:
-        """Close the window; return ``weight * mean_over_layers(penalty)`` or None."""
-        self._collecting = False
-        penalties, self._penalties = self._penalties, []
-        layer_stats, self._layer_stats = self._layer_stats, []
+    def _finish(self, module: torch.nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
+        """Close the window; return (whether a barrier was computed, the tensor to add to the loss or None).
+
+        The term is ``weight * mean_over_layers(penalty)``; it is added only in
+        training mode unless ``term_in_eval``. Forwards with gradients enabled,
+        and evaluation forwards, become the one :meth:`term` refers to; a
+        training-mode forward under ``no_grad`` (a metrics pass) does not.
+        """
+        state = self._state
+        state.collecting = False
+        penalties, state.penalties = state.penalties, []
+        layer_stats, state.layer_stats = state.layer_stats, []
+        adds = state.training or self.term_in_eval
+        replaces = state.grad_at_begin or not state.training
         if not penalties:
-            return None
+            if replaces:
+                state.record = _TermRecord(None)
+            return False, None
         penalty = torch.stack([p.to(penalties[0].dtype) for p in penalties]).mean()
+        if state.num_items is not None:
+            penalty = penalty / state.num_items
         term = self.weight * penalty
         self.stats = BarrierStats(
             penalty=penalty.detach(),
             loss_term=term.detach(),
-            normalization="mean" if self._num_items is None else "num_items_in_batch",
-            layers=layer_stats,
+            normalization="mean" if state.num_items is None else "num_items_in_batch",
+            layers=_distinct_names(layer_stats),
+            added=adds,
         )
-        return term
+        record = _TermRecord(term if adds else None)
+        if replaces:
+            state.record = record
+        return True, (record.place() if adds else None)
 
     # -- user API ---------------------------------------------------------------
+
+    def term(self) -> torch.Tensor:
+        """The differentiable barrier term of the most recent training forward (this thread).
+
+        ``weight * mean_over_layers(barrier)``, with its autograd graph: for a
+        loss computed outside the model (cross-entropy from the logits, TRL,
+        Lightning), ``loss = my_ce + handle.term()`` trains exactly as the
+        model's own ``loss`` (which already contains the term) does. Use one or
+        the other, not both: the term would count twice (the handle warns at
+        the next training forward when it sees that).
+
+        Which forward: the most recent one in this thread with gradients
+        enabled, or in eval mode; a training-mode forward under ``no_grad``
+        (e.g. a metrics pass) does not replace it. After an eval forward, or a
+        forward that computed no barrier (``enabled=False``, a KV-cache decoding
+        step), it is a zero tensor, matching what the model added to its loss
+        (``term_in_eval=True``: the eval term). The same tensor is returned on
+        every call for one forward.
+
+        Raises:
+            RuntimeError: no forward of the model has run in this thread.
+        """
+        record = self._state.record
+        if record is None:
+            raise RuntimeError(
+                "handle.term(): no forward of the attached model has run in this thread yet; call it after "
+                "the forward whose loss you build"
+            )
+        return record.take()
+
+    def _loss_contains_term(self, loss: Any) -> bool:
+        """Whether ``loss``'s autograd graph contains the current term (placed in the model's loss or taken)."""
+        record = self._state.record
+        targets = set() if record is None else {id(n) for n in record.nodes()}
+        if not targets or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            return False
+        seen, stack = set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            if id(node) in targets:
+                return True
+            seen.add(id(node))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return False
 
     def detach(self) -> None:
         """Remove every hook and restore the model (same as ``barrier_ops.detach(model)``)."""
@@ -251,8 +482,20 @@ class BarrierHandle:
         return (
             f"BarrierHandle(kind={self.kind!r}, weight={self.weight}, coupling={self.coupling!r}, "
             f"combine_heads={self.combine_heads}, eps={self.eps}, target_margin={self.target_margin}, "
-            f"causal={self.causal}, backend={self.backend!r}, layers={len(self.layer_names)})"
+            f"causal={self.causal}, backend={self.backend!r}, term_in_eval={self.term_in_eval}, "
+            f"layers={len(self.layer_names)})"
         )
+
+
+def _distinct_names(layer_stats: List[LayerStats]) -> List[LayerStats]:
+    """A layer called k times in one forward logs as ``name``, ``name#1``, ..., ``name#{k-1}``."""
+    counts: Dict[str, int] = {}
+    for s in layer_stats:
+        seen = counts.get(s.name, 0)
+        counts[s.name] = seen + 1
+        if seen:
+            s.name = f"{s.name}#{seen}"
+    return layer_stats
 
 
 def _layer_stats(name, barrier, margins, key_padding_mask, causal) -> LayerStats:
@@ -270,9 +513,11 @@ def _layer_stats(name, barrier, margins, key_padding_mask, causal) -> LayerStats
 
 
 def check_options(weight, coupling, combine_heads, eps, target_margin=None, causal=None,
-                  backend="auto") -> Tuple[float, float, Optional[float]]:
+                  backend="auto", term_in_eval=False) -> Tuple[float, float, Optional[float]]:
     """Validated (weight, eps, target_margin) of attach; raises on any bad option."""
     weight = _checks.check_weight(weight)
+    if not isinstance(term_in_eval, bool):
+        raise TypeError(f"term_in_eval must be a bool, got {type(term_in_eval).__name__}")
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be 'identity' or 'weights', got {coupling!r}")
     if not isinstance(combine_heads, bool):
@@ -319,33 +564,90 @@ def select_layers(candidates: Sequence[tuple], layers) -> List[tuple]:
     return chosen
 
 
-def add_loss_hooks(handle: BarrierHandle, model: torch.nn.Module, add_term: Callable) -> None:
-    """Open the window before ``model.forward`` and add the term to its output after it.
+class _BeginForward:
+    """Forward pre-hook on the top model: opens the collection window."""
+
+    def __init__(self, handle: BarrierHandle):
+        self.handle = handle
+
+    def __call__(self, module, args, kwargs):
+        self.handle._begin(module, kwargs)
+
+
+class _FinishForward:
+    """Forward hook on the top model: closes the window and adds the term to the returned loss.
 
     ``add_term(output, term, args, kwargs)`` returns the output with the term
-    added to its loss (or the output unchanged when it has no loss).
+    added to its loss (or the output unchanged when it has no loss, or when
+    ``term`` is None: an eval forward that computed the barrier for its
+    statistics only).
     """
 
-    def pre_hook(module, args, kwargs):
-        handle._begin(kwargs.get("num_items_in_batch"))
+    def __init__(self, handle: BarrierHandle, add_term: Callable):
+        self.handle = handle
+        self.add_term = add_term
 
-    def post_hook(module, args, kwargs, output):
-        term = handle._finish()
-        if term is None:
+    def __call__(self, module, args, kwargs, output):
+        computed, term = self.handle._finish(module)
+        if not computed:
             return output
-        return add_term(output, term, args, kwargs)
+        return self.add_term(output, term, args, kwargs)
 
-    h1 = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    h2 = model.register_forward_hook(post_hook, with_kwargs=True)
+
+def _run_hooks_eagerly_at_top_level(*functions) -> None:
+    """Let dynamo inline these hooks into a caller it traces, but never compile them as frames of their own.
+
+    ``torch.compile(model)`` traces ``forward`` only; the model's own hooks run
+    around it as separate frames, and the loss hook would become a second
+    graph (one add). Run on their own, the hooks are a few Python statements
+    and one add, cheapest eager. Traced from a compiled caller
+    (``model.compile()``, a compiled training step) they are inlined as
+    before. Uses a private dynamo API; without it the hooks compile as before.
+    """
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return
+    for fn in functions:
+        try:
+            set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+        except Exception:  # pragma: no cover - depends on the torch version
+            return
+
+
+_run_hooks_eagerly_at_top_level(_BeginForward.__call__, _FinishForward.__call__)
+
+
+def add_loss_hooks(handle: BarrierHandle, model: torch.nn.Module, add_term: Callable) -> None:
+    """Open the window before ``model.forward`` and add the term to its output after it."""
+    h1 = model.register_forward_pre_hook(_BeginForward(handle), with_kwargs=True)
+    h2 = model.register_forward_hook(_FinishForward(handle, add_term), with_kwargs=True)
     handle._undo.append(h1.remove)
     handle._undo.append(h2.remove)
 
 
+class DeleteAttr:
+    """Undo step: remove an attribute set on an instance (a deep copy of the model gets its own)."""
+
+    def __init__(self, obj: Any, name: str):
+        self.obj, self.name = obj, name
+
+    def __call__(self) -> None:
+        if self.name in self.obj.__dict__:
+            delattr(self.obj, self.name)
+
+
+class SetAttr:
+    """Undo step: set an attribute back to a value."""
+
+    def __init__(self, obj: Any, name: str, value: Any):
+        self.obj, self.name, self.value = obj, name, value
+
+    def __call__(self) -> None:
+        setattr(self.obj, self.name, self.value)
+
+
 def set_module_attr(handle: BarrierHandle, module: torch.nn.Module, name: str, value) -> None:
     setattr(module, name, value)
-
-    def undo():
-        if name in module.__dict__:
-            delattr(module, name)
-
-    handle._undo.append(undo)
+    handle._undo.append(DeleteAttr(module, name))

@@ -63,9 +63,9 @@ def record_qkv(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     handle = state.handle
     if not handle.enabled:
         return
-    handle._record(state, q, k, v, scale=scale, causal=causal, key_padding_mask=None)
-    if getattr(handle, "keep_margins", False) and handle._collecting:
-        coupling = None if state.coupling_fn is None else state.coupling_fn(q.shape[1], q.dtype)
+    handle._record(state, q, k, v, scale=scale, causal=causal, key_padding_mask=None, module=module)
+    if getattr(handle, "keep_margins", False) and handle._state.collecting:
+        coupling = None if state.coupling_fn is None else state.coupling_fn(module, q.shape[1], q.dtype)
         with torch.no_grad():
             m = token_margins(
                 q.detach(), k.detach(), v.detach(),
@@ -76,10 +76,16 @@ def record_qkv(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         handle.last_margins.append(m)
 
 
-def _add_term(handle: BarrierHandle):
-    def add(output, term, args, kwargs):
+class AddTerm:
+    """Adds the term to ``output.loss`` and fills ``penalty`` / ``margins`` when the output has them."""
+
+    def __init__(self, handle: BarrierHandle):
+        self.handle = handle
+
+    def __call__(self, output, term, args, kwargs):
+        handle = self.handle
         changes = {}
-        if getattr(output, "loss", None) is not None:
+        if term is not None and getattr(output, "loss", None) is not None:
             changes["loss"] = output.loss + term.to(output.loss.dtype)
         if hasattr(output, "penalty"):
             changes["penalty"] = handle.stats.penalty
@@ -93,7 +99,18 @@ def _add_term(handle: BarrierHandle):
             setattr(output, key, value)
         return output
 
-    return add
+
+class WeightsCoupling:
+    def __call__(self, attn: nn.Module, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        return coupling_from_weights(attn.q_proj.weight, attn.o_proj.weight, heads, dtype)
+
+
+class ResetMargins:
+    def __init__(self, handle: BarrierHandle):
+        self.handle = handle
+
+    def __call__(self, module, args, kwargs):
+        self.handle.last_margins = []
 
 
 def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
@@ -101,17 +118,9 @@ def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
     handle.keep_margins = False
     handle.last_margins = []
     for name, attn in chosen:
-        coupling_fn = None
-        if handle.coupling == "weights":
-            def coupling_fn(heads, dtype, attn=attn):
-                return coupling_from_weights(attn.q_proj.weight, attn.o_proj.weight, heads, dtype)
-
+        coupling_fn = WeightsCoupling() if handle.coupling == "weights" else None
         set_module_attr(handle, attn, LAYER_ATTR, _LayerState(handle, name, coupling_fn))
         handle.layer_names.append(name)
-
-    def reset_margins(module, args, kwargs):
-        handle.last_margins = []
-
-    h = model.register_forward_pre_hook(reset_margins, with_kwargs=True)
+    h = model.register_forward_pre_hook(ResetMargins(handle), with_kwargs=True)
     handle._undo.append(h.remove)
-    add_loss_hooks(handle, model, _add_term(handle))
+    add_loss_hooks(handle, model, AddTerm(handle))

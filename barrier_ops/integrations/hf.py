@@ -15,6 +15,7 @@ transformers model is attached.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -37,13 +38,14 @@ except ImportError as error:  # pragma: no cover - depends on the installed tran
 from ._core import (
     LAYER_ATTR,
     BarrierHandle,
+    SetAttr,
     _LayerState,
     add_loss_hooks,
     padding_from_attention_mask,
     select_layers,
     set_module_attr,
 )
-from ._coupling import coupling_from_weights
+from ._coupling import coupling_from_weights, projection_weight
 
 PREFIX = "barrier_"
 _registered: Dict[str, Callable] = {}
@@ -89,7 +91,8 @@ def _make_attention(original_name: str) -> Callable:
             is_causal = True
         padding = padding_from_attention_mask(attention_mask, query.shape[0], query.shape[2])
         state.handle._record(
-            state, query, key, value, scale=scaling, causal=bool(is_causal), key_padding_mask=padding
+            state, query, key, value, scale=scaling, causal=bool(is_causal), key_padding_mask=padding,
+            module=module,
         )
         return out
 
@@ -134,30 +137,48 @@ def find_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def _weights_coupling(name: str, attn: nn.Module):
-    """``(heads, dtype) -> [H, d, dv]`` from the layer's projections, by layout."""
-    from transformers.pytorch_utils import Conv1D
+class WeightsCoupling:
+    """``(module, heads, dtype) -> [H, d, dv]`` from the projections the layer has at call time.
 
-    q_proj, o_proj = getattr(attn, "q_proj", None), getattr(attn, "o_proj", None)
-    if isinstance(q_proj, nn.Linear) and isinstance(o_proj, nn.Linear):
-        return lambda heads, dtype: coupling_from_weights(q_proj.weight, o_proj.weight, heads, dtype)
-    c_attn, c_proj = getattr(attn, "c_attn", None), getattr(attn, "c_proj", None)
-    if isinstance(c_attn, Conv1D) and isinstance(c_proj, Conv1D):
-        # Conv1D stores [in, out]: transpose to the out x in layout; queries are the first third.
-        embed = c_attn.weight.shape[1] // 3
+    Llama-style layers: ``q_proj`` / ``o_proj``; GPT-2: the query third of
+    ``c_attn`` and ``c_proj`` (Conv1D). Each may be wrapped by a PEFT LoRA
+    layer, whose adapted weight ``W0 + scaling * B A`` is used
+    (:func:`~barrier_ops.integrations._coupling.projection_weight`). The
+    projections are looked up on every forward, so adapters added after
+    ``attach`` are seen, and their training moves the coupling.
+    """
 
-        def gpt2_coupling(heads, dtype):
-            return coupling_from_weights(c_attn.weight[:, :embed].t(), c_proj.weight.t(), heads, dtype)
+    def __init__(self, name: str, query: str, output: str, fused_qkv: bool):
+        self.name, self.query, self.output, self.fused_qkv = name, query, output, fused_qkv
 
-        return gpt2_coupling
-    raise ValueError(
-        f"barrier_ops.attach(coupling='weights'): {name} ({type(attn).__name__}) has neither "
-        "q_proj/o_proj (nn.Linear) nor c_attn/c_proj (Conv1D); use coupling='identity'"
-    )
+    def __call__(self, module: nn.Module, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        w_q = projection_weight(getattr(module, self.query), f"{self.name}.{self.query}")
+        if self.fused_qkv:  # [3C, D]: the queries are the first third
+            w_q = w_q[: w_q.shape[0] // 3]
+        w_o = projection_weight(getattr(module, self.output), f"{self.name}.{self.output}")
+        return coupling_from_weights(w_q, w_o, heads, dtype)
+
+
+def _weights_coupling(name: str, attn: nn.Module) -> WeightsCoupling:
+    """The layer's coupling builder, checked once on the layer as it is now."""
+    if hasattr(attn, "q_proj") and hasattr(attn, "o_proj"):
+        coupling = WeightsCoupling(name, "q_proj", "o_proj", fused_qkv=False)
+    elif hasattr(attn, "c_attn") and hasattr(attn, "c_proj"):
+        coupling = WeightsCoupling(name, "c_attn", "c_proj", fused_qkv=True)
+    else:
+        raise ValueError(
+            f"barrier_ops.attach(coupling='weights'): {name} ({type(attn).__name__}) has neither "
+            "q_proj/o_proj nor c_attn/c_proj projections; use coupling='identity'"
+        )
+    for attr in (coupling.query, coupling.output):
+        projection_weight(getattr(attn, attr), f"{name}.{attr}")  # raises a clear error now, not mid-training
+    return coupling
 
 
 def _add_term(output, term, args, kwargs):
     """Add the term to ``ModelOutput.loss`` (or to element 0 of a tuple output when labels were given)."""
+    if term is None:
+        return output
     if isinstance(output, dict):  # ModelOutput is an OrderedDict
         loss = output.get("loss")
         if loss is not None:
@@ -192,15 +213,116 @@ def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
         state = _LayerState(handle, name, coupling_fn, original=_original_of(original_name, attn))
         set_module_attr(handle, attn, LAYER_ATTR, state)
         handle.layer_names.append(name)
+    handle.hf_originals = sorted(set(originals.values()))
     for key, cfg in configs.items():
         previous = cfg._attn_implementation
         cfg._attn_implementation = register(originals[key])
-
-        def restore(cfg=cfg, previous=previous):
-            cfg._attn_implementation = previous
-
-        handle._undo.append(restore)
+        handle._undo.append(SetAttr(cfg, "_attn_implementation", previous))
     add_loss_hooks(handle, model, _add_term)
+    patch_trainer()
+
+
+def register_for(handle: BarrierHandle) -> None:
+    """Register the attention implementations an attached model's configs name (after unpickling)."""
+    for original_name in getattr(handle, "hf_originals", ()):
+        register(original_name)
+
+
+# ---------------------------------------------------------------------------
+# Trainers whose loss is not the model's loss (TRL's SFTTrainer, custom compute_loss)
+# ---------------------------------------------------------------------------
+
+
+def _loss_scaled_for_ga(trainer, num_items_in_batch) -> bool:
+    """Whether ``Trainer.training_step`` leaves this step's loss undivided by the accumulation steps."""
+    flag = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if flag is not None:
+        return bool(flag)
+    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+    return accepts or getattr(trainer, "compute_loss_func", None) is not None
+
+
+class _ComputeLossWithTerm:
+    """``trainer.compute_loss`` for one training step: the loss it returns gets the term if it lacks it.
+
+    Runs the trainer's own ``compute_loss``; when its loss's autograd graph
+    does not contain the barrier term of the step's training forward (TRL's
+    SFTTrainer computes its loss from per-token log-probabilities and ignores
+    the model's ``loss``), adds ``handle.term()``. Normalisation follows the
+    trainer's: when the step's loss is a sum over ``num_items_in_batch`` (not
+    divided by the accumulation steps afterwards), the forwards inside compute
+    the barrier with the same rule, and the multi-device factor of
+    ``average_tokens_across_devices`` is applied to the term too.
+    """
+
+    def __init__(self, trainer, handle: BarrierHandle, compute_loss):
+        self.trainer, self.handle, self.compute_loss = trainer, handle, compute_loss
+
+    def __call__(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        state = self.handle._state
+        previous = state.default_num_items
+        if num_items_in_batch is not None and _loss_scaled_for_ga(self.trainer, num_items_in_batch):
+            state.default_num_items = num_items_in_batch
+        try:
+            result = self.compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        finally:
+            state.default_num_items = previous
+        loss = result[0] if return_outputs else result
+        record = state.record
+        if (
+            not model.training
+            or record is None
+            or not record.trainable
+            or not isinstance(loss, torch.Tensor)
+            or self.handle._loss_contains_term(loss)
+        ):
+            return result
+        term = self.handle.term()
+        args = getattr(self.trainer, "args", None)
+        if num_items_in_batch is not None and getattr(args, "average_tokens_across_devices", False):
+            term = term * getattr(getattr(self.trainer, "accelerator", None), "num_processes", 1)
+        loss = loss + term.to(loss.dtype)
+        return (loss,) + tuple(result[1:]) if return_outputs else loss
+
+
+_MISSING = object()
+
+
+def patch_trainer() -> None:
+    """Wrap ``transformers.Trainer.training_step`` (once per process; inert for models without a barrier).
+
+    During a training step of an attached model, the trainer's
+    ``compute_loss`` (its class's, a subclass's such as TRL's, or one set on
+    the instance) is wrapped by :class:`_ComputeLossWithTerm`. Subclasses that
+    override ``training_step`` and call ``super()`` (TRL's do) are covered.
+    """
+    from transformers import Trainer
+
+    current = Trainer.training_step
+    if getattr(current, "_barrier_ops_wrapped", False):
+        return
+
+    @functools.wraps(current)
+    def training_step(self, model, inputs, *args, **kwargs):
+        from . import get_handle
+
+        handle = get_handle(model) if isinstance(model, nn.Module) else None
+        if handle is None:
+            return current(self, model, inputs, *args, **kwargs)
+        own = self.__dict__.get("compute_loss", _MISSING)
+        self.compute_loss = _ComputeLossWithTerm(self, handle, self.compute_loss)
+        try:
+            return current(self, model, inputs, *args, **kwargs)
+        finally:
+            if own is _MISSING:
+                self.__dict__.pop("compute_loss", None)
+            else:
+                self.compute_loss = own
+
+    training_step._barrier_ops_wrapped = True
+    Trainer.training_step = training_step
 
 
 def _handle_of(model: nn.Module) -> BarrierHandle:
