@@ -35,7 +35,8 @@ from .model import CharGPT, measuring
 
 
 def load_run(run_dir: str):
-    ckpt = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=False)
+    # Tensors, dicts, lists and strings only: a pickle from a run directory must not be able to run code.
+    ckpt = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
     raw = dict(ckpt["config"])
     raw["train"] = dict(raw["train"])
     raw["train"]["lambda"] = raw["train"].pop("lam")
