@@ -223,3 +223,22 @@ def test_paired_ci_table_intervals_and_multiplicity():
     assert f"| target2 | 1 | -2.0 [{-2 - half:+.1f}, {-2 + half:+.1f}] |" in table
     p = f"{1 - math.sqrt(6 / 7):.4f}"  # t = -2 sqrt(3), 2 df; one test, so Holm = BH = p
     assert table.rstrip().endswith(f"| {p} | {p} |")
+
+
+RESULTS_MD = os.path.join(os.path.dirname(__file__), "..", "docs", "results.md")
+V2_CSV = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "chargpt", "cpu_sweep_v2", "results.csv")
+
+
+@pytest.mark.skipif(not os.path.isfile(V2_CSV), reason="sweep v2 results not present")
+def test_results_md_quotes_the_computed_tables():
+    from barrier_ops.experiments import confirm
+    from barrier_ops.experiments.sweep import read_csv
+
+    with open(RESULTS_MD) as f:
+        doc = f.read()
+    assert confirm.paired_ci_table(read_csv(V2_CSV)) in doc  # sweep v2's interval table, as generated
+    if os.path.isfile(os.path.join(CONFIRM_DIR, "tables.md")):
+        with open(os.path.join(CONFIRM_DIR, "tables.md")) as f:
+            tables = f.read()
+        primary_row = next(line for line in tables.splitlines() if line.startswith("| primary |"))
+        assert primary_row in doc
