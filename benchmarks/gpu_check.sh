@@ -18,7 +18,7 @@
 #   GPU_CHECK_PREFLIGHT_S       30  Python.h, nvcc, ninja, pytest plugins, GPU visible (~5 s)
 #   GPU_CHECK_BUILD_S          180  pip install -e . for this GPU's arch only
 #   GPU_CHECK_TESTS_S          150  pytest tests/test_cuda.py (the whole session)
-#   GPU_CHECK_TEST_TIMEOUT_S    60  one test (pytest-timeout; without it, only the phase limit)
+#   GPU_CHECK_TEST_TIMEOUT_S    90  one test (pytest-timeout; without it, only the phase limit)
 #   GPU_CHECK_HARNESS_MIN_S     60  what the tests leave the harness at least
 #   GPU_CHECK_RESERVE_S         10  kept for writing the final report
 # Other switches:
@@ -53,7 +53,7 @@ TOTAL=${GPU_CHECK_TOTAL_S:-450}
 PREFLIGHT_S=${GPU_CHECK_PREFLIGHT_S:-30}
 BUILD_S=${GPU_CHECK_BUILD_S:-180}
 TESTS_S=${GPU_CHECK_TESTS_S:-150}
-TEST_TIMEOUT_S=${GPU_CHECK_TEST_TIMEOUT_S:-60}
+TEST_TIMEOUT_S=${GPU_CHECK_TEST_TIMEOUT_S:-90}
 HARNESS_MIN_S=${GPU_CHECK_HARNESS_MIN_S:-60}
 RESERVE_S=${GPU_CHECK_RESERVE_S:-10}
 SIMULATE=${GPU_CHECK_SIMULATE:-0}
