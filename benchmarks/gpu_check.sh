@@ -62,11 +62,13 @@ XDIST=${GPU_CHECK_XDIST:-4}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 say() { echo "[gpu_check.sh $(elapsed)s] $*"; }
-# min(cap, what is left of the total after keeping `later` seconds for the phases after this one)
+# min(cap, what is left of the total after keeping `later` seconds for the phases after
+# this one), and never below 1 (`timeout 0` would mean no limit at all)
 phase_limit() {
     local cap=$1 later=$2 left
     left=$(( TOTAL - $(elapsed) - later ))
     [ "$left" -lt "$cap" ] && cap=$left
+    [ "$cap" -lt 1 ] && cap=1
     echo "$cap"
 }
 # The phases' outcomes, read by the final report writer (gpu_check_kit.py --finalize).
@@ -115,6 +117,8 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     BUILD_STATUS="skipped (GPU_CHECK_SKIP_BUILD=1: the extension as built)"
 elif [ -n "$BUILD_BLOCKER" ]; then
     BUILD_STATUS="not run: $BUILD_BLOCKER"
+elif [ "$(phase_limit "$BUILD_S" $(( HARNESS_MIN_S + RESERVE_S )))" -lt 30 ]; then
+    BUILD_STATUS="not run: no time left in GPU_CHECK_TOTAL_S=$TOTAL"
 else
     B_LIMIT=$(phase_limit "$BUILD_S" $(( HARNESS_MIN_S + RESERVE_S )))
     ARCH=$(grep -m1 '^arch ' "$OUT/preflight.log" | cut -d' ' -f2)
