@@ -450,8 +450,61 @@ def test_compiled_training_step_with_term_is_one_graph_and_matches_eager():
             loss.backward()
             losses.append(loss.detach())
 
-    assert _graphs(run) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _graphs(run) == 1
+    assert not [w for w in caught if str(w.message).startswith("barrier_ops")]
     want = reference(idx, targets)[1]
     want.backward()
     torch.testing.assert_close(losses[-1], want.detach(), rtol=0, atol=TOL)
     assert_grads_close(H.grads(model), H.grads(reference), 1e-12)
+
+
+# ---------------------------------------------------------------------------
+# HF integer masks, the example
+# ---------------------------------------------------------------------------
+
+
+def test_hf_integer_padding_masks_reach_the_ops_as_bool():
+    from barrier_ops.integrations._core import padding_from_attention_mask
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # HF's attention_mask: int64, 1 = real
+    got = padding_from_attention_mask(mask, 2, 4)
+    assert got.dtype == torch.bool and torch.equal(got, mask.bool())
+    # The last T columns when the mask covers a cache as well (flash-attention style).
+    assert torch.equal(padding_from_attention_mask(torch.ones(2, 6, dtype=torch.long), 2, 4), torch.ones(2, 4).bool())
+
+
+@pytest.mark.slow
+def test_custom_loss_example_runs():
+    pytest.importorskip("transformers")
+    import custom_loss  # examples/ is on sys.path via _integration_helpers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, handle = custom_loss.main(["--steps", "2", "--seq-len", "16", "--batch-size", "2"])
+    assert not [w for w in caught if str(w.message).startswith("barrier_ops")]
+    assert handle.stats.penalty is not None and barrier_ops.get_handle(model) is handle
+
+
+def test_readme_attach_snippet_runs_and_trains_with_the_term():
+    pytest.importorskip("transformers")
+    import os
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    usage = open(readme, encoding="utf-8").read().split("## Usage", 1)[1].split("\n## ", 1)[0]
+    code = [block for block in re.findall(r"```python\n(.*?)```", usage, re.S) if "attach(" in block][0]
+    model = H.tiny_llama()
+    reference = H.clone(model)
+    batches = [_batch(B=2, T=10, seed=s) for s in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(code, {"barrier_ops": barrier_ops, "torch": torch, "model": model, "batches": batches})
+    assert not [w for w in caught if str(w.message).startswith("barrier_ops")]
+    # The same two backward passes with the term computed by the reference barrier.
+    for input_ids, targets in batches:
+        ce_ref, term, logits = H.hf_oracle(reference, input_ids=input_ids, attention_mask=None, labels=None,
+                                           weight=0.02)
+        (F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + term).backward()
+    assert_grads_close(H.grads(model), H.grads(reference), 1e-6)

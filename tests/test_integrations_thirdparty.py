@@ -274,3 +274,16 @@ def test_lightning_training_step_with_its_own_ce_and_the_term():
     assert _barrier_messages(caught) == []
     for (name, got), want in zip(module.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_trl_example_runs(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    import trl_sft  # examples/ is on sys.path via _integration_helpers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trl_sft.main(["--steps", "1", "--seq-len", "16", "--output-dir", str(tmp_path)])
+    assert _barrier_messages(caught) == []
+    assert any("barrier/loss_term" in e for e in trainer.state.log_history)
