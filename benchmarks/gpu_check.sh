@@ -117,7 +117,7 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     BUILD_STATUS="skipped (GPU_CHECK_SKIP_BUILD=1: the extension as built)"
 elif [ -n "$BUILD_BLOCKER" ]; then
     BUILD_STATUS="not run: $BUILD_BLOCKER"
-elif [ "$(phase_limit "$BUILD_S" $(( HARNESS_MIN_S + RESERVE_S )))" -lt 30 ]; then
+elif [ "$(phase_limit "$BUILD_S" $(( HARNESS_MIN_S + RESERVE_S )))" -lt 10 ]; then
     BUILD_STATUS="not run: no time left in GPU_CHECK_TOTAL_S=$TOTAL"
 else
     B_LIMIT=$(phase_limit "$BUILD_S" $(( HARNESS_MIN_S + RESERVE_S )))
