@@ -9,6 +9,11 @@ model's logits do not move) and passes the same q, k, v (after RoPE, before
 the GQA repeat) to the handle of the layer that called it. No model class is
 patched, so every model that dispatches through ``AttentionInterface`` works.
 
+The first attach also wraps ``transformers.Trainer.training_step`` (once per
+process, inert for models without a barrier) so that trainers whose
+``compute_loss`` ignores the model's loss (TRL's ``SFTTrainer``) get the term
+added to the loss they return; see :class:`_ComputeLossWithTerm`.
+
 This module imports transformers; ``barrier_ops`` imports it only when a
 transformers model is attached.
 """
