@@ -41,7 +41,7 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _sft_trainer(model, tmp_path, accumulation=1, batch=4):
+def _sft_trainer(model, tmp_path, accumulation=1, batch=4, peft_config=None):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -55,7 +55,7 @@ def _sft_trainer(model, tmp_path, accumulation=1, batch=4):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=_char_tokenizer())
+                          processing_class=_char_tokenizer(), peft_config=peft_config)
 
 
 def _sft_step(trainer, model, num_items_in_batch=None):
@@ -126,6 +126,33 @@ def test_trl_sft_train_logs_the_term_it_trains_with(tmp_path):
     assert log["loss"] > plain_log["loss"] + 0.5 * abs(log["barrier/loss_term"])  # the logged loss has it
     moved = (model.model.layers[0].self_attn.q_proj.weight - plain.model.layers[0].self_attn.q_proj.weight)
     assert moved.abs().max() > 1e-3  # and the update differs
+
+
+def test_trl_sft_with_peft_config_trains_the_adapters_with_the_term(tmp_path):
+    """attach, then SFTTrainer(peft_config=...) wraps the attached model in LoRA."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    base = H.tiny_llama(dtype=torch.float32)
+    results = {}
+    for attach in (False, True):
+        model = copy.deepcopy(base)
+        handle = barrier_ops.attach(model, WEIGHT, coupling="weights") if attach else None
+        torch.manual_seed(5)  # the same LoRA init in both runs
+        trainer = _sft_trainer(model, tmp_path / str(attach), peft_config=LoraConfig(
+            r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+        assert type(trainer.model).__name__ == "PeftModel"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, grads, _ = _sft_step(trainer, trainer.model)
+        assert _barrier_messages(caught) == []
+        results[attach] = (loss, grads, handle)
+    (plain_loss, plain_grads, _), (loss, grads, handle) = results[False], results[True]
+    assert handle.stats.loss_term.abs() > 1e-2
+    torch.testing.assert_close(loss, plain_loss + handle.stats.loss_term.float(), rtol=1e-5, atol=1e-5)
+    lora_b = [name for name in grads if "q_proj.lora_B" in name]
+    assert lora_b and all((grads[n] - plain_grads[n]).abs().max() > 1e-3 for n in lora_b)
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,15 @@ import torch
 from torch import nn
 
 from ..ops import token_margins
-from ._core import LAYER_ATTR, BarrierHandle, _LayerState, add_loss_hooks, select_layers, set_module_attr
+from ._core import (
+    LAYER_ATTR,
+    BarrierHandle,
+    _LayerState,
+    _run_hooks_eagerly_at_top_level,
+    add_loss_hooks,
+    select_layers,
+    set_module_attr,
+)
 from ._coupling import coupling_from_weights
 
 ADAPTER_NAME = "chargpt"
@@ -111,6 +119,9 @@ class ResetMargins:
 
     def __call__(self, module, args, kwargs):
         self.handle.last_margins = []
+
+
+_run_hooks_eagerly_at_top_level(ResetMargins.__call__)
 
 
 def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
