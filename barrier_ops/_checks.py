@@ -22,8 +22,24 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+# Integer masks follow the Hugging Face attention_mask convention: nonzero = real token.
+INT_MASK_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def as_bool_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An integer mask (nonzero = real token, as HF's attention_mask) as bool; others as they are.
+
+    Float masks are not converted: an additive mask (0 / -inf) read as
+    "nonzero = real" would invert it, so they fail the check with a hint.
+    """
+    if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dtype in INT_MASK_DTYPES:
+        return key_padding_mask != 0
+    return key_padding_mask
+
+
 def _check_mask(
-    key_padding_mask: Optional[torch.Tensor], B: int, T: int, device: torch.device, owner: str
+    key_padding_mask: Optional[torch.Tensor], B: int, T: int, device: torch.device, owner: str,
+    allow_int: bool = True,
 ) -> None:
     if key_padding_mask is None:
         return
@@ -31,9 +47,19 @@ def _check_mask(
         raise TypeError(
             f"key_padding_mask must be None or a torch.Tensor, got {type(key_padding_mask).__name__}"
         )
-    if key_padding_mask.dtype != torch.bool:
+    if key_padding_mask.dtype != torch.bool and not (
+        allow_int and key_padding_mask.dtype in INT_MASK_DTYPES
+    ):
+        accepted = (
+            " or an integer tensor (nonzero = real token, as HF's attention_mask)" if allow_int else ""
+        )
+        hint = (
+            "; for an additive float mask (0 = real, -inf = padded) pass mask == 0"
+            if key_padding_mask.is_floating_point() else ""
+        )
         raise TypeError(
-            f"key_padding_mask must be a bool tensor (True = real token), got {key_padding_mask.dtype}"
+            f"key_padding_mask must be a bool tensor (True = real token){accepted}, "
+            f"got {key_padding_mask.dtype}{hint}"
         )
     if tuple(key_padding_mask.shape) != (B, T):
         raise ValueError(
@@ -85,8 +111,18 @@ def check_attention_inputs(
             f"q, k and v must share the batch size B, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
         )
     if k.shape[2] != T or v.shape[2] != T:
+        hint = ""
+        if k.shape[1] == q.shape[1] == v.shape[1]:
+            # [B, T, H, d] projections not yet transposed share dim 1 (T) and
+            # differ in dim 2 (H vs Hkv). With H == Hkv that layout cannot be
+            # told apart from SDPA's: it is read as H=T heads of H tokens.
+            hint = (
+                "; they share dim 1 instead: if they are in the [B, T, H, d] layout of a "
+                "projection, pass q.transpose(1, 2) etc. (SDPA layout [B, H, T, d])"
+            )
         raise ValueError(
-            f"q, k and v must share the sequence length T (dim 2), got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+            f"q, k and v must share the sequence length T (dim 2), got q {_shape(q)}, k {_shape(k)}, "
+            f"v {_shape(v)}{hint}"
         )
     if k.shape[3] != d:
         raise ValueError(
@@ -141,25 +177,67 @@ def check_attention_inputs(
 
 
 def _real_number(value, name: str) -> float:
-    """A Python or NumPy real number as a float (bools are not numbers here)."""
+    """A Python or NumPy real number as a float (bools are not numbers here).
+
+    Under ``torch.compile(dynamic=True)`` a float argument arrives as a
+    ``torch.SymFloat``: it is returned as it is, so that the checks below stay
+    symbolic (guards) instead of specialising or breaking the graph.
+    """
+    if isinstance(value, torch.SymFloat):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def _finite(x) -> bool:
+    # Comparisons, not math.isfinite: they also work on a symbolic float
+    # (torch.compile dynamic=True), and NaN fails both.
+    return -math.inf < x < math.inf
 
 
 def resolve_scale(scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
     scale = _real_number(scale, "scale")
-    if not (scale > 0.0 and math.isfinite(scale)):
+    if not (scale > 0.0 and _finite(scale)):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return scale
 
 
 def check_eps(eps: float) -> float:
     eps = _real_number(eps, "eps")
-    if not (eps > 0.0 and math.isfinite(eps)):
+    if not (eps > 0.0 and _finite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return eps
+
+
+# Below eps the barrier is quadratic, psi(m) ~ (m / eps)^2 / 2 for m << -eps.
+# eps must leave room in the margins' dtype: the penalty of a margin as low as
+# _MARGIN_FLOOR, summed over _TOKEN_CEILING positions, stays finite when
+# eps >= min_eps(dtype) (float32: 1.2e-9; float64: 1.7e-144).
+_MARGIN_FLOOR = 1e6
+_TOKEN_CEILING = 1e9
+
+
+def min_eps(margin_dtype: torch.dtype) -> float:
+    """The smallest eps whose quadratic barrier stays finite in ``margin_dtype`` (see above)."""
+    # sqrt(max) first: 2 * max overflows.
+    return _MARGIN_FLOOR * math.sqrt(_TOKEN_CEILING / 2.0) / math.sqrt(torch.finfo(margin_dtype).max)
+
+
+def check_eps_for_dtype(eps: float, input_dtype: torch.dtype) -> float:
+    """check_eps, and eps large enough for the margins' dtype (float32, or float64 inputs)."""
+    eps = check_eps(eps)
+    acc = margin_dtype(input_dtype)
+    floor = min_eps(acc)
+    if eps < floor:
+        raise ValueError(
+            f"eps={eps} is too small for {str(acc).replace('torch.', '')} margins: below eps the "
+            f"barrier grows like (m / eps)^2 / 2 and would overflow to inf (a NaN loss at weight "
+            f"0); use eps >= {floor:.2g} (finite for margins down to -{_MARGIN_FLOOR:.0e} over "
+            f"{_TOKEN_CEILING:.0e} positions){'' if acc == torch.float64 else ', or float64 inputs'}"
+        )
     return eps
 
 
@@ -168,7 +246,7 @@ def check_target_margin(target_margin: Optional[float], eps: float) -> Optional[
     if target_margin is None:
         return None
     m0 = _real_number(target_margin, "target_margin")
-    if not (math.isfinite(m0) and m0 > eps):
+    if not (_finite(m0) and m0 > eps):
         raise ValueError(
             f"target_margin must be None or a finite number > eps={eps}, got {m0}"
         )
@@ -197,7 +275,7 @@ def check_causal_mode(causal: str) -> str:
 
 def check_weight(weight: float) -> float:
     weight = _real_number(weight, "weight")
-    if not (weight >= 0.0 and math.isfinite(weight)):
+    if not (weight >= 0.0 and _finite(weight)):
         raise ValueError(f"weight must be a finite number >= 0, got {weight}")
     return weight
 
@@ -219,7 +297,10 @@ def check_margins_and_mask(
         raise ValueError(
             f"margins must be [B, T] or [B, H, T], got shape {_shape(margins)}"
         )
-    _check_mask(key_padding_mask, margins.shape[0], margins.shape[-1], margins.device, "margins")
+    # The compiled op (and its fake kernel) takes bool masks; the public
+    # wrapper converts integer masks first.
+    _check_mask(key_padding_mask, margins.shape[0], margins.shape[-1], margins.device, "margins",
+                allow_int=False)
 
 
 def margin_dtype(input_dtype: torch.dtype) -> torch.dtype:

@@ -44,18 +44,107 @@ def _kappa_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, stats)
 
 
-def _kappa_backward(ctx, grad_kappa, grad_lse, grad_stats):
+DOUBLE_BACKWARD_ERROR = (
+    "barrier_ops: the fused kappa kernels (backend='fused', the CPU default of backend='auto') "
+    "are differentiable once: a gradient of their gradient (double backward, create_graph=True, "
+    "torch.func.hessian) is not implemented. The pure-PyTorch "
+    "barrier_ops.reference.margin_barrier_loss_reference is differentiable twice (O(T^2) memory)."
+)
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """Identity on the gradients, linked to the inputs they depend on; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dw, *inputs):
+        return dq.view_as(dq), dk.view_as(dk), dw.view_as(dw)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _once_differentiable(grads, inputs):
+    """The gradients, made to raise DOUBLE_BACKWARD_ERROR if a second backward reaches them.
+
+    kappa_backward has no derivative of its own; without this, a backward run
+    with create_graph=True would return gradients that silently carry no
+    graph (second-order terms of exactly 0, with only a UserWarning).
+    """
+    inputs = [t for t in inputs if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return grads
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in inputs):
+        return grads  # torch.func: nested transforms are refused in _KappaFunction.backward
+    return _RaiseOnBackward.apply(*grads, *inputs)
+
+
+def _kappa_grads(saved, scale, causal, grad_kappa):
     # Read once: non-reentrant activation checkpointing allows one read per backward.
-    q, k, w, key_padding_mask, kappa, lse, stats = ctx.saved_tensors
+    q, k, w, key_padding_mask, kappa, lse, stats = saved
+    with torch.no_grad():
+        grads = _ops.kappa_backward.default(
+            grad_kappa.contiguous(), q, k, w, scale, causal, key_padding_mask, kappa, lse, stats
+        )
+    return _once_differentiable(grads, (grad_kappa, q, k, w))
+
+
+def _kappa_backward(ctx, grad_kappa, grad_lse, grad_stats):
     if grad_kappa is None:
         return None, None, None, None, None, None
-    dq, dk, dw = _ops.kappa_backward.default(
-        grad_kappa.contiguous(), q, k, w, ctx.scale, ctx.causal, key_padding_mask, kappa, lse, stats
-    )
+    dq, dk, dw = _kappa_grads(ctx.saved_tensors, ctx.scale, ctx.causal, grad_kappa)
     return dq, dk, dw, None, None, None
 
 
 torch.library.register_autograd("barrier_ops::kappa", _kappa_backward, setup_context=_kappa_setup)
+
+
+class _KappaFunction(torch.autograd.Function):
+    """kappa as an autograd.Function with setup_context, for torch.func transforms.
+
+    The autograd formula registered above is what eager autograd and
+    torch.compile use. torch.func.grad cannot run it (PyTorch wraps it in an
+    autograd.Function without setup_context), so under a grad or jvp
+    transform kappa_fused calls this class instead: same kernels, same formula.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, w, scale, causal, key_padding_mask):
+        return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _kappa_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_kappa, grad_lse, grad_stats):
+        # This backward runs under the transform being differentiated (depth
+        # 1); another grad/jvp level on the stack would differentiate it
+        # (hessian, grad of grad) and get zeros from the kernels: refuse instead.
+        if _grad_transform_depth() > 1:
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        return _kappa_backward(ctx, grad_kappa, grad_lse, grad_stats)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            "barrier_ops: forward-mode AD (torch.func.jvp, jacfwd) through the fused kappa "
+            "kernels is not implemented; use reverse mode (torch.func.grad, vjp, jacrev)"
+        )
+
+
+def _grad_transform_depth() -> int:
+    """How many torch.func grad or jvp transforms are active."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    grad_like = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return sum(interpreter.key() in grad_like for interpreter in stack)
+
+
+def _under_grad_transform() -> bool:
+    """A torch.func grad or jvp transform is active (torch.compile traces the registered formula)."""
+    return not torch.compiler.is_compiling() and _grad_transform_depth() > 0
 
 
 def kappa_fused(
@@ -74,4 +163,6 @@ def kappa_fused(
     """
     dtype = q.dtype if q.device.type == "cuda" else k.dtype
     q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
+    if _under_grad_transform():
+        return _KappaFunction.apply(q, k, w, scale, causal, key_padding_mask)[0]
     return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask)[0]

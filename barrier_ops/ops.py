@@ -18,6 +18,7 @@ import torch
 
 from . import _checks
 from . import _C  # noqa: F401  (loads the shared library, which registers the schemas)
+from ._kappa import _under_grad_transform
 from .backends import kappa_function
 from .barriers import barrier
 
@@ -98,9 +99,19 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
     scale = _checks.resolve_scale(scale, q.shape[-1])
     kappa_fn = kappa_function(backend, q.device)
     dtype = _autocast_dtype(q.device)
-    if dtype is not None:  # as SDPA does under autocast: one compute dtype for all inputs
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        coupling = None if coupling is None else coupling.to(dtype)
+    if dtype is not None:
+        # As autocast casts an op's inputs: float16/bfloat16/float32 to the
+        # autocast dtype, float64 left alone (float64 in, float64 out).
+        def cast(t):
+            return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+        q, k, v, coupling = cast(q), cast(k), cast(v), cast(coupling)
+        if len({t.dtype for t in (q, k, v, coupling) if t is not None}) > 1:
+            raise TypeError(
+                "under torch.autocast, q, k, v (and the coupling) must be all float64 or all "
+                f"of autocast-eligible dtypes, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+                + ("" if coupling is None else f", coupling {coupling.dtype}")
+            )
     B, H, T, _ = q.shape
     if key_padding_mask is not None:
         # Padded positions may hold anything (NaN, 1e30): zero them, so that
@@ -142,6 +153,7 @@ def _reduce_barrier(margins, valid, eps, target_margin, reduction):
 
 def _token_margins_impl(q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, backend):
     _checks.check_causal_mode(causal)
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     kappa, _ = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
     return _margins(kappa, combine_heads)
 
@@ -151,7 +163,8 @@ def _margin_barrier_loss_impl(
     reduction, backend,
 ):
     _checks.check_causal_mode(causal)
-    eps = _checks.check_eps(eps)
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
+    eps = _checks.check_eps_for_dtype(eps, q.dtype)
     target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
     kappa, valid = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
@@ -204,9 +217,11 @@ def token_margins(
         causal: ``True``: key ``s`` is allowed for query ``t`` iff ``s <= t``
             (GPT-style); ``"strict"``: iff ``s < t`` (the paper's setting;
             position 0 then has no margin); ``False``: every key.
-        key_padding_mask: bool ``[B, T]``, True for real tokens. Padded keys are
-            never attended; padded queries have no margin. Padded positions of
-            q, k, v may hold anything, NaN included.
+        key_padding_mask: ``[B, T]``, bool (True for real tokens) or integer
+            (nonzero for real tokens, as Hugging Face's ``attention_mask``).
+            Padded keys are never attended; padded queries have no margin.
+            Padded positions of q, k, v may hold anything, NaN included; NaN
+            or inf at a real position makes the margins it reaches NaN.
         combine_heads: return the layer margin ``1 - sum_h kappa`` ``[B, T]``
             instead of per-head margins ``[B, H, T]``.
         backend: where the O(T^2) work runs: ``"fused"`` (our kernels, CPU and
@@ -218,8 +233,12 @@ def token_margins(
         inputs). Invalid positions (padded queries, queries without an allowed
         key) read exactly 1.0. Differentiable w.r.t. q, k, v and coupling.
     """
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    return _ops.token_margins.default(
+    # Under torch.func.grad the Python composite runs directly: the fused
+    # kernels' autograd.Function must see the transform (barrier_ops/_kappa.py).
+    op = _token_margins_impl if _under_grad_transform() else _ops.token_margins.default
+    return op(
         q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), _checks.check_causal(causal),
         key_padding_mask, bool(combine_heads), backend,
     )
@@ -249,7 +268,9 @@ def margin_barrier_loss(
     was about 0.02).
 
     Arguments are those of :func:`token_margins`, plus:
-        eps: where the barrier switches from ``-log m`` to the quadratic (> 0).
+        eps: where the barrier switches from ``-log m`` to the quadratic (> 0,
+            and at least :func:`barrier_ops._checks.min_eps` of the margins'
+            dtype, 1.2e-9 for float32, so that the quadratic cannot overflow).
         target_margin: ``None`` for the paper's barrier, or ``m0 > eps``: the
             hinge ``psi(m) - psi(m0) - psi'(m0)(m - m0)`` below ``m0`` and 0
             above, so margins at or above the target cost nothing
@@ -261,9 +282,11 @@ def margin_barrier_loss(
         A scalar (or ``[B, H, T]`` / ``[B, T]`` for ``"none"``), float32
         (float64 for float64 inputs), differentiable w.r.t. q, k, v, coupling.
     """
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    eps = _checks.check_eps(eps)
-    return _ops.margin_barrier_loss.default(
+    eps = _checks.check_eps_for_dtype(eps, q.dtype)
+    op = _margin_barrier_loss_impl if _under_grad_transform() else _ops.margin_barrier_loss.default
+    return op(
         q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), _checks.check_causal(causal),
         key_padding_mask, bool(combine_heads), eps, _checks.check_target_margin(target_margin, eps),
         _checks.check_reduction(reduction), backend,
@@ -290,7 +313,9 @@ def barrier_and_margins(
     For callers that need both (the training integrations log the margins).
     Arguments and checks are those of :func:`margin_barrier_loss`.
     """
-    eps = _checks.check_eps(eps)
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
+    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    eps = _checks.check_eps_for_dtype(eps, q.dtype)
     target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
     margins = token_margins(
@@ -310,8 +335,8 @@ def support_token_argmin(
 
     Args:
         margins: ``[B, T]`` or ``[B, H, T]`` (e.g. from :func:`token_margins`).
-        key_padding_mask: optional bool ``[B, T]`` (broadcast over heads);
-            False positions are never chosen.
+        key_padding_mask: optional ``[B, T]`` (broadcast over heads), bool or
+            integer (nonzero = real); padded positions are never chosen.
 
     Returns:
         ``(indices, values)`` over the last dimension: int64 indices and the
@@ -320,5 +345,6 @@ def support_token_argmin(
         differentiable (values are detached; index ``margins`` with
         ``indices`` for a differentiable value).
     """
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_margins_and_mask(margins, key_padding_mask)
     return _ops.support_token_argmin.default(margins.detach(), key_padding_mask)

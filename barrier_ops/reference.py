@@ -77,6 +77,7 @@ def token_kappa_reference(
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-head kappa [B, H, T] (0 at invalid positions) and validity [B, T]."""
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
     _checks.check_causal(causal)
     B, H, T, d = q.shape
@@ -147,7 +148,8 @@ def margin_barrier_loss_reference(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Reference of :func:`barrier_ops.margin_barrier_loss` (barrier from :mod:`barrier_ops.barriers`)."""
-    eps = _checks.check_eps(eps)
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
+    eps = _checks.check_eps_for_dtype(eps, q.dtype)
     target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
     kappa, valid = token_kappa_reference(
@@ -173,6 +175,7 @@ def support_token_argmin_reference(
     margins: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`barrier_ops.support_token_argmin` (by sorting, not a fused kernel)."""
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_margins_and_mask(margins, key_padding_mask)
     T = margins.shape[-1]
     m = margins.detach()

@@ -186,4 +186,7 @@ GRID = [
     Case(H=4, Hkv=1, T=45, d=6, combine_heads=True, masked=True),
     Case(H=2, Hkv=2, T=129, d=3, causal=False, combine_heads=True, coupling="scalar"),
     Case(B=1, H=1, Hkv=1, T=2, d=1),
+    # A square coupling (dv == d): A_h and its transpose have the same shape,
+    # so only a case like this one catches a missing transpose.
+    Case(H=2, Hkv=1, T=41, d=6, coupling="matrix", masked=True),
 ]

@@ -224,6 +224,14 @@ BAD_INPUTS = [
      "key_padding_mask must be a bool tensor"),
     ("mask shape", lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 7, dtype=torch.bool)}),
      ValueError, r"key_padding_mask must have shape \[B, T\]"),
+    # A [1, T] mask would broadcast silently over the batch (SDPA-based code
+    # paths accept it), a [3, T] one fail with a broadcasting error.
+    ("mask batch 1", lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}),
+     ValueError, r"key_padding_mask must have shape \[B, T\]=\[2, 8\], got \[1, 8\]"),
+    ("mask batch 3", lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(3, 8, dtype=torch.int64)}),
+     ValueError, r"key_padding_mask must have shape \[B, T\]=\[2, 8\], got \[3, 8\]"),
+    ("mask rank", lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 1, 1, 8, dtype=torch.bool)}),
+     ValueError, r"key_padding_mask must have shape \[B, T\]"),
     ("mask device", lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 8, dtype=torch.bool, device="meta")}),
      ValueError, "key_padding_mask must be on q's device"),
     ("int dtype", lambda q, k, v: (q.long(), k.long(), v.long(), {}), TypeError,
@@ -239,10 +247,13 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("name,build,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 @pytest.mark.parametrize("fn", [barrier_ops.token_margins, barrier_ops.margin_barrier_loss],
                          ids=["token_margins", "margin_barrier_loss"])
-def test_bad_input_raises_clear_error(name, build, exc, match, fn):
+@pytest.mark.parametrize("backend", ["auto", "fused", "sdpa"])
+def test_bad_input_raises_clear_error(name, build, exc, match, fn, backend):
+    # Every backend: the compiled kernels of "fused" check again in C++, which
+    # would hide a gap in the Python checks that "sdpa" relies on alone.
     q, k, v, kwargs = build(*_good())
     with pytest.raises(exc, match=match):
-        fn(q, k, v, **kwargs)
+        fn(q, k, v, backend=backend, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -277,13 +288,17 @@ def test_bad_argmin_arguments(args, exc, match):
         OPS.support_token_argmin.default(*args)
 
 
-@pytest.mark.parametrize("name,build,exc,match", BAD_INPUTS[:19], ids=[b[0] for b in BAD_INPUTS[:19]])
-def test_direct_op_call_checks(name, build, exc, match):
+_OP_LEVEL = BAD_INPUTS
+
+
+@pytest.mark.parametrize("name,build,exc,match", _OP_LEVEL, ids=[b[0] for b in _OP_LEVEL])
+@pytest.mark.parametrize("backend", ["auto", "fused", "sdpa"])
+def test_direct_op_call_checks(name, build, exc, match, backend):
     q, k, v, kwargs = build(*_good())
     with pytest.raises(exc, match=match):
         OPS.token_margins.default(
             q, k, v, kwargs.get("coupling"), kwargs.get("scale", 0.5), "inclusive",
-            kwargs.get("key_padding_mask"), False, "auto",
+            kwargs.get("key_padding_mask"), False, backend,
         )
 
 

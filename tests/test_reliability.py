@@ -112,3 +112,203 @@ def test_kappa_op_rows_with_nonfinite_logits_are_nan_not_invalid(dtype):
     dq, dk, dw = torch.ops.barrier_ops.kappa_backward(beta, q, k, w, 0.5, "inclusive", None,
                                                       kappa, lse, stats)
     assert torch.isnan(dq).any() and torch.isnan(dk).any()
+
+
+# ---------------------------------------------------------------------------
+# torch.compile(dynamic=True), torch.func, double backward
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_dynamic_true_traces_eps_scale_and_target_symbolically(backend):
+    torch._dynamo.reset()
+
+    def step(q, k, v, mask, eps, scale, target):
+        return barrier_ops.margin_barrier_loss(q, k, v, key_padding_mask=mask, eps=eps, scale=scale,
+                                               target_margin=target, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, eps, scale, target in ((20, 0.05, 0.3, 1.1), (33, 0.02, 0.25, 1.5)):
+        q, k, v, _, mask = make_inputs(Case(T=T, masked=True))
+        got = compiled(q, k, v, mask, eps, scale, target)
+        want = step(q, k, v, mask, eps, scale, target)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, [q])[0],
+                                   torch.autograd.grad(want, [q])[0])
+    with pytest.raises(Exception, match="eps must be a finite number > 0"):
+        compiled(q, k, v, mask, -1.0, 0.3, None)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "sdpa"])
+def test_torch_func_grad_and_vmap_of_grad_match_the_reference(backend):
+    case = Case(B=2, H=2, Hkv=1, T=19, d=4, coupling="scalar", masked=True)
+    q, k, v, coupling, mask = make_inputs(case, torch.float64, requires_grad=False)
+
+    def loss(q, k, v, fn=barrier_ops.margin_barrier_loss, **kw):
+        return fn(q, k, v, coupling=coupling, key_padding_mask=mask, eps=0.05, **kw)
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, backend=backend)
+    want = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, fn=ref.margin_barrier_loss_reference)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    # vmap over a batch of single sequences: the same gradients, row by row.
+    per_row = torch.func.vmap(
+        torch.func.grad(lambda q, k, v, m: barrier_ops.margin_barrier_loss(
+            q[None], k[None], v[None], coupling=coupling, key_padding_mask=m[None], eps=0.05,
+            reduction="sum", backend=backend)))(q, k, v, mask)
+    for b in range(case.B):
+        single = torch.func.grad(lambda q: barrier_ops.margin_barrier_loss(
+            q, k[b:b + 1], v[b:b + 1], coupling=coupling, key_padding_mask=mask[b:b + 1],
+            eps=0.05, reduction="sum", backend=backend))(q[b:b + 1])
+        torch.testing.assert_close(per_row[b], single[0], rtol=1e-9, atol=1e-12)
+
+
+def test_torch_func_forward_mode_and_hessian_on_fused_raise_clearly():
+    q, k, v, _, _ = make_inputs(Case(B=1, H=1, Hkv=1, T=6, d=2), torch.float64, requires_grad=False)
+
+    def loss(q):
+        return barrier_ops.margin_barrier_loss(q, k, v, backend="fused")
+
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not implemented"):
+        torch.func.jacfwd(loss)(q)
+    with pytest.raises(RuntimeError, match="differentiable once|forward-mode AD"):
+        torch.func.hessian(loss)(q)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.grad(torch.func.grad(lambda q: loss(q[None])))(q[0]).sum()
+
+
+@pytest.mark.parametrize("op", ["loss", "margins"])
+def test_double_backward_through_fused_raises_instead_of_returning_zeros(op):
+    case = Case(B=2, H=2, Hkv=1, T=12, d=4, masked=True)
+    q, k, v, _, mask = make_inputs(case, torch.float64)
+
+    def f(q, k, v, fn=None):
+        if op == "loss":
+            return (fn or barrier_ops.margin_barrier_loss)(q, k, v, key_padding_mask=mask)
+        return (fn or barrier_ops.token_margins)(q, k, v, key_padding_mask=mask).pow(2).sum()
+
+    gq, gk = torch.autograd.grad(f(q, k, v), [q, k], create_graph=True)
+    # First-order gradients are unchanged by create_graph ...
+    ref_fn = ref.margin_barrier_loss_reference if op == "loss" else ref.token_margins_reference
+    want = torch.autograd.grad(f(q, k, v, fn=ref_fn), [q, k])
+    torch.testing.assert_close(gq, want[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gk, want[1], rtol=1e-9, atol=1e-12)
+    # ... and a second backward through them raises (it returned zeros, with a warning).
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((gq * gq).sum(), [q])
+    gq, gk = torch.autograd.grad(f(q, k, v), [q, k], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (gk.sum() + gq.sum()).backward()
+    # create_graph for another term of the loss keeps working.
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    total = f(q, k, v) + (x**3).sum()
+    (gx,) = torch.autograd.grad(total, [x], create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), [x])
+    torch.testing.assert_close(hx, 6 * x.detach())
+
+
+# ---------------------------------------------------------------------------
+# Autocast, eps, masks, layout
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_stays_float64_under_autocast(backend):
+    case = Case(H=4, Hkv=2, T=25, d=6, coupling="matrix", masked=True)
+    q, k, v, coupling, mask = make_inputs(case, torch.float64)
+    kw = dict(op_kwargs(case, coupling, mask), backend=backend)
+    plain = barrier_ops.margin_barrier_loss(q, k, v, **kw)
+    plain_m = barrier_ops.token_margins(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = barrier_ops.margin_barrier_loss(q, k, v, **kw)
+        margins = barrier_ops.token_margins(q, k, v, **kw)
+    assert loss.dtype == margins.dtype == torch.float64
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(margins, plain_m, rtol=1e-12, atol=0)
+    (g,) = torch.autograd.grad(loss, [q])
+    assert g.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="all float64 or all of autocast-eligible dtypes"):
+            barrier_ops.token_margins(q, k.float(), v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_is_validated_against_the_margins_dtype(backend):
+    from barrier_ops._checks import min_eps
+    from barrier_ops.barriers import psi
+
+    case = Case(B=1, H=2, Hkv=2, T=30, d=4, coupling="scalar")
+    q, k, v, _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    coupling = torch.full((2,), 500.0)  # margins far past the boundary
+    assert barrier_ops.token_margins(q, k, v, coupling=coupling).min() < -10
+    with pytest.raises(ValueError, match=r"eps=1e-30 is too small for float32 margins.*eps >= 1.2e-09"):
+        barrier_ops.margin_barrier_loss(q, k, v, coupling=coupling, eps=1e-30, backend=backend)
+    with pytest.raises(ValueError, match="too small"):
+        torch.ops.barrier_ops.margin_barrier_loss(q, k, v, coupling, 0.5, "inclusive", None, False,
+                                                  1e-30, None, "mean", backend)
+    floor = min_eps(torch.float32)
+    for reduction in ("mean", "sum"):
+        loss = barrier_ops.margin_barrier_loss(q, k, v, coupling=coupling, eps=floor,
+                                               reduction=reduction, backend=backend)
+        assert torch.isfinite(loss) and loss > 1e10
+        assert torch.isfinite(0.0 * loss)  # weight 0 gives 0, not NaN
+    # The floor's promise: a margin of -1e6 over 1e9 positions stays finite.
+    worst = psi(torch.tensor(-1e6), floor)
+    assert torch.isfinite(worst * 1e9)
+    # float64 margins allow a much smaller eps.
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    loss64 = barrier_ops.margin_barrier_loss(q64, k64, v64, coupling=coupling.double(), eps=1e-30,
+                                             backend=backend)
+    assert torch.isfinite(loss64)
+    with pytest.raises(ValueError, match="too small for float64 margins"):
+        barrier_ops.margin_barrier_loss(q64, k64, v64, eps=1e-300, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_masks_follow_the_hf_convention(dtype, backend):
+    case = Case(B=2, H=2, Hkv=1, T=21, d=4, masked=True)
+    q, k, v, _, mask = make_inputs(case, torch.float64, requires_grad=False)
+    hf = mask.to(dtype) * 3 if dtype != torch.uint8 else mask.to(dtype)  # any nonzero is real
+    kw = dict(backend=backend, eps=0.05)
+    torch.testing.assert_close(
+        barrier_ops.margin_barrier_loss(q, k, v, key_padding_mask=hf, **kw),
+        barrier_ops.margin_barrier_loss(q, k, v, key_padding_mask=mask, **kw), rtol=0, atol=0)
+    m_int = barrier_ops.token_margins(q, k, v, key_padding_mask=hf, backend=backend)
+    m_bool = barrier_ops.token_margins(q, k, v, key_padding_mask=mask, backend=backend)
+    torch.testing.assert_close(m_int, m_bool, rtol=0, atol=0)
+    for got, want in zip(barrier_ops.support_token_argmin(m_bool, hf),
+                         barrier_ops.support_token_argmin(m_bool, mask)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(ref.token_margins_reference(q, k, v, key_padding_mask=hf), m_bool)
+    # The composite op takes them too (direct torch.ops calls).
+    direct = torch.ops.barrier_ops.token_margins(q, k, v, None, 0.5, "inclusive", hf, False, backend)
+    torch.testing.assert_close(
+        direct, barrier_ops.token_margins(q, k, v, scale=0.5, key_padding_mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_masks_are_still_refused_with_a_hint(backend):
+    q, k, v, _, mask = make_inputs(Case(B=2, T=9, masked=True), requires_grad=False)
+    additive = torch.zeros(2, 9).masked_fill(~mask, float("-inf"))
+    with pytest.raises(TypeError, match=r"must be a bool tensor .* or an integer tensor .* got "
+                                        r"torch.float32; for an additive float mask"):
+        barrier_ops.token_margins(q, k, v, key_padding_mask=additive, backend=backend)
+    with pytest.raises(TypeError, match="must be a bool tensor"):
+        barrier_ops.support_token_argmin(torch.zeros(2, 9), mask.float())
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "sdpa"])
+def test_bthd_layout_gets_a_hint_when_it_can_be_detected(backend):
+    B, T, H, Hkv, d = 2, 10, 4, 2, 8
+    q, k, v = torch.randn(B, T, H, d), torch.randn(B, T, Hkv, d), torch.randn(B, T, Hkv, d)
+    with pytest.raises(ValueError, match=r"sequence length T \(dim 2\).*\[B, T, H, d\] layout.*"
+                                         r"transpose\(1, 2\)"):
+        barrier_ops.token_margins(q, k, v, backend=backend)
+    # The SDPA layout works; a plain T mismatch gets no layout hint.
+    barrier_ops.token_margins(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              backend=backend)
+    with pytest.raises(ValueError, match=r"\(dim 2\), got q \[2, 4, 10, 8\], k \[2, 2, 9, 8\], "
+                                         r"v \[2, 2, 10, 8\]$"):
+        barrier_ops.token_margins(q.transpose(1, 2), k.transpose(1, 2)[:, :, :9],
+                                  v.transpose(1, 2), backend=backend)
