@@ -106,7 +106,7 @@ def _table(rows: List[Dict], sigma_keys: List[str]) -> str:
         for i in layers:
             body.append([_model_name(r) if i == layers[0] else "", str(i),
                          cell(r, f"margin_median_l{i}", lambda v: f"{v:.3g}"),
-                         cell(r, f"margin_min_l{i}", lambda v: f"{v:.3g}"),
+                         cell(r, f"margin_min_l{i}", lambda v: f"{v:.3f}"),
                          cell(r, f"support_pos0_frac_l{i}", lambda v: f"{100 * v:.0f}%"),
                          cell(r, f"support_pos_excl0_mean_l{i}", lambda v: f"{v:.1f}")])
     out += ["", _wrap("Stability margins m = 1 - sum_h kappa_h of every validation token, per attention layer:"), ""]
@@ -155,11 +155,11 @@ def main(argv=None) -> None:
     print()
     print(_table(rows, shown))
     print()
-    print(_wrap("A margin near 0 means the attention layer is close to singular for that token (its Jacobian "
-                "block I - J_t loses rank); CE models sit near 1. The support token is a window's smallest "
+    print(_wrap("A margin near 0 means the attention layer is close to singular for that token (its "
+                "Jacobian block I-J_t is near-singular); CE models sit near 1. The support token is a window's smallest "
                 "margin. Position 0 attends only to itself, so its margin is exactly 1: once a barrier lifts "
                 "every other margin above 1, the support token is position 0 (column 'support token at t = 0'; "
-                "'min m' then reads 1) and the last column says where the smallest margin among t >= 1 sits "
+                "'min m' then reads 1.000) and the last column says where the smallest margin among t >= 1 sits "
                 "(figures/margins.png shows it). The paper's barrier -log m keeps rewarding larger margins "
                 "(they grow to the hundreds and beyond); the target-margin barrier stops at m0."))
     figures = args.figures or os.path.join(args.root, "figures")
