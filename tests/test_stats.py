@@ -192,6 +192,13 @@ def test_confirm_cli_summary_matches_recomputation(tmp_path):
         confirm.main(["--csv", _write_csv(rows[:-3], tmp_path / "partial.csv"), "--out", str(tmp_path / "p")])
     confirm.main(["--csv", str(tmp_path / "partial.csv"), "--out", str(tmp_path / "p"), "--allow-incomplete"])
     assert "INCOMPLETE" in (tmp_path / "p" / "tables.md").read_text()
+    # paper arm not started: S3 pending, S1/S2 carry only Bonferroni's bound (Holm needs all three p-values)
+    partial = confirm.analyse([r for r in rows if r["variant"] != "paper"])
+    assert not partial["complete"] and partial["secondary"][2]["pending"]
+    s1 = partial["secondary"][0]
+    assert s1["p_holm"] is None and s1["p_holm_upper_bound"] == min(1.0, 3 * s1["p_value"])
+    assert partial["primary"] == confirm.analyse(rows)["primary"]  # the primary does not depend on the paper arm
+    assert "pending" in confirm.tables_md(partial)
     with pytest.raises(ValueError, match="two rows"):
         confirm.analyse(rows + rows[:1])
 
