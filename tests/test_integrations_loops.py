@@ -130,13 +130,22 @@ def test_term_before_any_forward_raises_and_eval_term_is_zero():
 # ---------------------------------------------------------------------------
 
 
-def test_custom_loss_without_the_term_warns_once(barrier_warnings):
+@pytest.mark.parametrize("arch", ["nanogpt", "llama"])
+def test_custom_loss_without_the_term_warns_once(barrier_warnings, arch):
     idx, targets = _batch()
-    model = H.tiny_nanogpt()
-    barrier_ops.attach(model, WEIGHT)
-    for _ in range(3):
-        logits, _ = model(idx, targets)
-        _nanogpt_ce(logits, targets).backward()
+    if arch == "llama":
+        pytest.importorskip("transformers")
+        model = H.tiny_llama()
+        barrier_ops.attach(model, WEIGHT)
+        for _ in range(3):
+            logits = model(input_ids=idx).logits
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    else:
+        model = H.tiny_nanogpt()
+        barrier_ops.attach(model, WEIGHT)
+        for _ in range(3):
+            logits, _ = model(idx, targets)
+            _nanogpt_ce(logits, targets).backward()
     lost = [w for w in barrier_warnings() if "never entered a backward" in w]
     assert len(lost) == 1
     assert "term()" in lost[0] and "docs/integrations.md" in lost[0]
@@ -508,3 +517,40 @@ def test_readme_attach_snippet_runs_and_trains_with_the_term():
                                            weight=0.02)
         (F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + term).backward()
     assert_grads_close(H.grads(model), H.grads(reference), 1e-6)
+
+
+def test_two_forwards_before_one_backward_do_not_warn(barrier_warnings):
+    """Both model losses enter one backward (two views, a policy and its KL pass): nothing is lost."""
+    idx, targets = _batch()
+    model = H.tiny_nanogpt()
+    barrier_ops.attach(model, WEIGHT)
+    for _ in range(3):
+        _, first = model(idx[:2], targets[:2])
+        _, second = model(idx[1:], targets[1:])
+        (first + second).backward()
+    assert barrier_warnings() == []
+    # ... while the same loop on custom losses without the term is caught.
+    for _ in range(2):
+        logits, _ = model(idx[:2], targets[:2])
+        logits2, _ = model(idx[1:], targets[1:])
+        (_nanogpt_ce(logits, targets[:2]) + _nanogpt_ce(logits2, targets[1:])).backward()
+    assert len([w for w in barrier_warnings() if "never entered a backward" in w]) == 1
+
+
+@pytest.mark.parametrize("use_term", [False, True])
+def test_compiled_model_custom_loss_is_checked_too(use_term, barrier_warnings):
+    """torch.compile(model): the forward runs compiled, the hooks eagerly; the next forward decides."""
+    import torch._dynamo.testing
+
+    idx, targets = _batch()
+    model = H.tiny_nanogpt()
+    handle = barrier_ops.attach(model, WEIGHT)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=torch._dynamo.testing.CompileCounter())
+    for _ in range(3):
+        logits, _ = compiled(idx, targets)
+        loss = _nanogpt_ce(logits, targets)
+        (loss + handle.term() if use_term else loss).backward()
+    torch._dynamo.reset()
+    lost = [w for w in barrier_warnings() if "never entered a backward" in w]
+    assert len(lost) == (0 if use_term else 1)

@@ -134,14 +134,15 @@ class _TermRecord:
     entered it twice.
     """
 
-    __slots__ = ("term", "placed", "user", "loss_grad", "user_grad", "tracked")
+    __slots__ = ("term", "placed", "user", "loss_grad", "user_grad", "tracked", "probe")
 
-    def __init__(self, term: Optional[torch.Tensor]):
+    def __init__(self, term: Optional[torch.Tensor], probe: Optional["_Probe"] = None):
         self.term = term
         self.placed: Optional[torch.Tensor] = None
         self.user: Optional[torch.Tensor] = None
         self.loss_grad = False
         self.user_grad = False
+        self.probe = probe
         # Inside a region dynamo traces, a gradient hook that sets a flag is a side effect
         # it refuses (fullgraph) or breaks the graph on: such terms go untracked.
         self.tracked = not torch.compiler.is_compiling()
@@ -184,6 +185,31 @@ class _TermRecord:
         self.user_grad = True
 
 
+class _Probe:
+    """Whether a backward reached the model's attention at all in one forward's graph.
+
+    A gradient hook on the first q (or k, v) that requires grad: a backward
+    that reaches the model without reaching the term is a lost term, while no
+    backward yet (two forwards before one backward) is not decided.
+    """
+
+    __slots__ = ("hooked", "model_grad")
+
+    def __init__(self):
+        self.hooked = False
+        self.model_grad = False
+
+    def watch(self, tensors) -> None:
+        for t in tensors:
+            if t.requires_grad:
+                t.register_hook(self._mark)
+                self.hooked = True
+                return
+
+    def _mark(self, grad):
+        self.model_grad = True
+
+
 class _ThreadState(threading.local):
     """Per-thread state of the forward in progress (threads running forwards of one model do not mix)."""
 
@@ -197,6 +223,8 @@ class _ThreadState(threading.local):
         self.penalties: List[torch.Tensor] = []
         self.layer_stats: List[LayerStats] = []
         self.record: Optional[_TermRecord] = None
+        self.probe: Optional[_Probe] = None
+        self.pending: List[_TermRecord] = []  # training terms whose backward is not decided yet
 
 
 class _LayerState:
@@ -220,9 +248,9 @@ class _LayerState:
         self.original = original
 
 
-# warn <- _warn_once <- _check_previous <- _begin <- pre-hook <- Module._call_impl's inner call
+# warn <- _warn_once <- _judge <- _check_pending <- _begin <- pre-hook <- Module._call_impl's inner call
 # <- Module._call_impl <- _wrapped_call_impl <- the caller of model(...)
-_USER_FRAME = 8
+_USER_FRAME = 9
 CUSTOM_LOSS_DOCS = "docs/integrations.md, 'Custom losses: handle.term()'"
 
 
@@ -296,8 +324,10 @@ class BarrierHandle:
         state = self._state
         grad = torch.is_grad_enabled()
         training = bool(module.training)
+        state.probe = None
         if grad and training and not torch.compiler.is_compiling():
-            self._check_previous(state.record)
+            self._check_pending(state)
+            state.probe = _Probe()
         state.collecting = True
         state.grad_at_begin = grad
         state.training = training
@@ -307,10 +337,25 @@ class BarrierHandle:
         state.penalties = []
         state.layer_stats = []
 
-    def _check_previous(self, record: Optional[_TermRecord]) -> None:
-        """Warn (once each) when the previous training forward's term trained nothing, or trained twice."""
-        if record is None or not record.trainable or not record.tracked:
-            return
+    def _check_pending(self, state: _ThreadState) -> None:
+        """Warn (once each) when an earlier training forward's term trained nothing, or trained twice.
+
+        A term is lost when a backward reached the model's attention but not
+        the term; while no backward has reached either (several forwards
+        before one backward), it stays pending. Without a probe (the forward
+        ran compiled) the next training forward decides.
+        """
+        undecided = []
+        for record in state.pending:
+            probe = record.probe
+            if not (record.loss_grad or record.user_grad) and probe is not None and probe.hooked \
+                    and not probe.model_grad:
+                undecided.append(record)
+                continue
+            self._judge(record)
+        state.pending = undecided[-8:]
+
+    def _judge(self, record: _TermRecord) -> None:
         if not (record.loss_grad or record.user_grad):
             self._warn_once(
                 "lost",
@@ -346,8 +391,13 @@ class BarrierHandle:
         causal: bool,
         key_padding_mask: Optional[torch.Tensor],
         module: Optional[torch.nn.Module] = None,
+        used: Optional[Sequence[torch.Tensor]] = None,
     ) -> None:
-        """Compute one layer's barrier from the q, k, v it attends with and keep it for the hook."""
+        """Compute one layer's barrier from the q, k, v it attends with and keep it for the hook.
+
+        ``used``: tensors the layer's own computation consumes (default q, k, v),
+        for the probe that tells whether a backward reached the model.
+        """
         if not self.enabled:
             return
         # Decoding with a KV cache (fewer queries than keys) has no margins to regularise.
@@ -383,6 +433,8 @@ class BarrierHandle:
         # result belongs to no forward and is dropped.
         if not state.collecting:
             return
+        if state.probe is not None and not state.probe.hooked and not torch.compiler.is_compiling():
+            state.probe.watch((q, k, v) if used is None else used)
         # Division by num_items_in_batch happens in _finish, outside any checkpointed
         # region: a tensor divisor is saved for the backward, and the recomputation
         # (which returns above) must save exactly the tensors the forward saved.
@@ -420,9 +472,11 @@ class BarrierHandle:
             layers=_distinct_names(layer_stats),
             added=adds,
         )
-        record = _TermRecord(term if adds else None)
+        record = _TermRecord(term if adds else None, probe=state.probe)
         if replaces:
             state.record = record
+        if record.trainable and record.tracked:
+            state.pending.append(record)
         return True, (record.place() if adds else None)
 
     # -- user API ---------------------------------------------------------------

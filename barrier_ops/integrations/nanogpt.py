@@ -73,7 +73,9 @@ class QKVHook:
         q = q.view(batch, length, heads, embed // heads).transpose(1, 2)
         k = k.view(batch, length, heads, embed // heads).transpose(1, 2)
         v = v.view(batch, length, heads, embed // heads).transpose(1, 2)
-        self.state.handle._record(self.state, q, k, v, scale=None, causal=True, key_padding_mask=None, module=attn)
+        # q, k, v are views of our own; the layer attends with its own views of qkv.
+        self.state.handle._record(self.state, q, k, v, scale=None, causal=True, key_padding_mask=None, module=attn,
+                                  used=(qkv,))
 
 
 def attach(handle: BarrierHandle, model: nn.Module, layers) -> None:
