@@ -235,7 +235,11 @@ def test_peft_identity_loss_and_gradients_match_the_reference():
     out.loss.backward()
     (ce + term).backward()
     assert_grads_close(H.grads(peft_model), H.grads(oracle), 1e-5)
-    barrier_ops.detach(peft_model)
+    # The same handle from the PEFT model, its tuner and the base model inside.
+    handle = barrier_ops.get_handle(peft_model)
+    assert barrier_ops.get_handle(peft_model.base_model) is handle
+    assert barrier_ops.get_handle(peft_model.get_base_model()) is handle
+    barrier_ops.detach(peft_model.base_model)
     assert barrier_ops.get_handle(peft_model) is None
 
 

@@ -47,8 +47,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Module):
             model = inner
             continue
-        if type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None)):
-            inner = model.get_base_model()
+        if type(model).__module__.startswith("peft."):
+            # PeftModel: get_base_model(); a tuner (LoraModel, its .base_model): .model
+            getter = getattr(model, "get_base_model", None)
+            inner = getter() if callable(getter) else getattr(model, "model", None)
             if isinstance(inner, nn.Module) and inner is not model:
                 model = inner
                 continue

@@ -433,7 +433,7 @@ class BarrierHandle:
         # result belongs to no forward and is dropped.
         if not state.collecting:
             return
-        if state.probe is not None and not state.probe.hooked and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and state.probe is not None and not state.probe.hooked:
             state.probe.watch((q, k, v) if used is None else used)
         # Division by num_items_in_batch happens in _finish, outside any checkpointed
         # region: a tensor divisor is saved for the backward, and the recomputation
