@@ -351,6 +351,10 @@ class BarrierStatsCallback(TrainerCallback):
     steps since the previous log (``*margin_min`` entries take the minimum),
     adds them to ``logs`` and to ``state.log_history``, and resets.
 
+    ``barrier/penalty`` is the barrier before the weight: negative whenever
+    the margins are above 1 under the paper's ``-log m`` (see
+    :class:`~barrier_ops.integrations.BarrierStats`).
+
     Reporting callbacks (TensorBoard, W&B, ...) see the values only if this
     callback runs before them: use :func:`add_stats_callback`, which puts it
     first, rather than ``Trainer(callbacks=[...])``, which puts it after the
