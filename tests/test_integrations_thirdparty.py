@@ -318,3 +318,33 @@ def test_trl_example_runs(tmp_path):
         trainer = trl_sft.main(["--steps", "1", "--seq-len", "16", "--output-dir", str(tmp_path)])
     assert _barrier_messages(caught) == []
     assert any("barrier/loss_term" in e for e in trainer.state.log_history)
+
+
+def test_hf_trainer_label_smoothing_gets_the_term(tmp_path):
+    """Trainer's label smoother pops the labels: the model returns no loss, the trainer's loss gets the term."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    idx, mask, labels = _padded_batch()
+    rows = [{"input_ids": idx[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(3)]
+    base = H.tiny_llama(dtype=torch.float32)
+    results = {}
+    for attach in (False, True):
+        model = copy.deepcopy(base)
+        handle = barrier_ops.attach(model, WEIGHT) if attach else None
+        args = TrainingArguments(output_dir=str(tmp_path / str(attach)), per_device_train_batch_size=3,
+                                 label_smoothing_factor=0.1, report_to=[], use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = trainer.training_step(model, dict(batch), None)
+            trainer.training_step(model, dict(batch), None)
+        assert _barrier_messages(caught) == []
+        results[attach] = (loss, handle)
+    (plain, _), (loss, handle) = results[False], results[True]
+    assert handle.stats.loss_term.abs() > 1e-2
+    torch.testing.assert_close(loss, plain + handle.stats.loss_term.float(), rtol=1e-5, atol=1e-5)
