@@ -554,3 +554,32 @@ def test_compiled_model_custom_loss_is_checked_too(use_term, barrier_warnings):
     torch._dynamo.reset()
     lost = [w for w in barrier_warnings() if "never entered a backward" in w]
     assert len(lost) == (0 if use_term else 1)
+
+
+def test_checkpoint_recomputation_on_another_thread_matches():
+    """CUDA runs the backward (and so the checkpoint's recomputation) on autograd's device thread;
+    a backward called from another Python thread does the same on CPU."""
+    pytest.importorskip("transformers")
+    idx, mask, labels = _padded_batch()
+    kwargs = {"num_items_in_batch": labels[:, 1:].ne(-100).sum()}
+    model = H.tiny_llama()
+    ckpt = H.clone(model)
+    barrier_ops.attach(model, WEIGHT, coupling="weights")
+    barrier_ops.attach(ckpt, WEIGHT, coupling="weights")
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(), ckpt.train()
+    model(input_ids=idx, attention_mask=mask, labels=labels, **kwargs).loss.backward()
+    loss = ckpt(input_ids=idx, attention_mask=mask, labels=labels, **kwargs).loss
+    errors = []
+
+    def backward():
+        try:
+            loss.backward()
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert_grads_close(H.grads(ckpt), H.grads(model), 1e-9)
