@@ -10,15 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def training_text() -> str:
-    """The project's own docs and spec: a few tens of KB of English, always present in the repo."""
+    """The project's own docs: a few tens of KB of English, always present in the repo."""
     parts = []
-    for folder in ("docs", os.path.join("..", "shared", "spec")):
-        path = os.path.join(ROOT, folder)
-        if os.path.isdir(path):
-            for name in sorted(os.listdir(path)):
-                if name.endswith(".md"):
-                    with open(os.path.join(path, name), encoding="utf-8") as f:
-                        parts.append(f.read())
+    path = os.path.join(ROOT, "docs")
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".md"):
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    parts.append(f.read())
     text = "\n\n".join(parts)
     if len(text) < 4096:  # fall back to this package's sources
         with open(os.path.join(ROOT, "barrier_ops", "ops.py"), encoding="utf-8") as f:

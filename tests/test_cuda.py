@@ -19,7 +19,7 @@ entrywise to their sum of absolute terms) live in tests/_precision_checks.py,
 with the errors they are derived from; tests/test_precision_checks_on_cpu.py
 runs the same checks on CPU, where each fails on a planted defect.
 
-Regression tests of issue #11 (each fails on the kernels before the fix):
+Regression tests of the CUDA numerics fixes (each fails on the kernels before the fix):
 realistic inputs (keys/values with a mean of 3-10x their std), the barrier's
 real gradient scale, NaN in padded q/k/w, strict causality at the op level, and
 a clear error below compute capability 8.0. The kappa-op tests call
@@ -255,7 +255,7 @@ def test_strict_causality_in_the_kappa_op():
 @pytest.mark.parametrize("causal", ["none", "inclusive", "strict"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_in_padded_rows_does_not_leak_through_the_kappa_op(dtype, causal):
-    """Issue #11 (4): the key kernel loaded Q without the row mask; dz is 0 for a padded
+    """CUDA numerics fix (4): the key kernel loaded Q without the row mask; dz is 0 for a padded
     query but 0 * NaN = NaN poisoned dk of the whole key block. Padded rows of q, k and
     w hold NaN here; everything must equal the run with zeros there."""
     (q, k, w), mask = _kappa_inputs(B=2, H=2, T=150, d=64, dtype=dtype)
@@ -282,7 +282,7 @@ def test_nan_in_padded_rows_does_not_leak_through_the_kappa_op(dtype, causal):
 # Relative tolerances for the large-mean, real-scale kappa-op test, from a CPU
 # emulation of the kernels' rounding points (errors ~3e-4 fp32 (logits of
 # large-mean keys), 5e-3 bf16, 6e-4 fp16 for dq, plus the output rounding to the
-# input dtype) times ~3. The kernels before issue #11's fix gave (emulated, mean
+# input dtype) times ~3. The kernels before the numerics fixes gave (emulated, mean
 # 3 / 10 std): bf16 dq 0.17 / 6.3, fp16 dq 1.9e-2 / 0.96, fp32 dq 1e-4 / 5.7e-3.
 LARGE_MEAN_TOL = {torch.float32: 1.5e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -290,7 +290,7 @@ LARGE_MEAN_TOL = {torch.float32: 1.5e-3, torch.bfloat16: 2e-2, torch.float16: 5e
 @pytest.mark.parametrize("mean", [3.0, 10.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kappa_op_with_large_mean_keys_at_the_real_gradient_scale(dtype, mean):
-    """Issue #11 (1-3), at the op level (no centring by the caller):
+    """CUDA numerics fix (1-3), at the op level (no centring by the caller):
     keys and values with a mean of `mean` x their std, and beta = dL/dkappa of
     0.02 * a mean-reduced barrier over B*H*T = 262144 tokens (~1e-7 per token;
     times GradScaler's 2^16 in float16, whose gradients are not representable
@@ -318,7 +318,7 @@ REAL_SCALE_GRAD_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 @pytest.mark.parametrize("causal", [True, "strict"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_gradients_at_the_barriers_real_scale(dtype, causal):
-    """Issue #11 (1), through the public API: loss = 0.02 * margin_barrier_loss(mean) as
+    """CUDA numerics fix (1), through the public API: loss = 0.02 * margin_barrier_loss(mean) as
     one slice of B*H*T = 262144 tokens, keys/values with a mean of 3 std (float16
     under a 2^16 GradScaler, bfloat16 unscaled). dq must not underflow to zero."""
     B, H, T, d = 2, 4, 256, 64
@@ -444,7 +444,7 @@ def test_head_dim_above_128_is_a_clear_error():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_every_dtype_runs_or_names_the_needed_compute_capability(dtype):
-    """Issue #11 (5): below compute capability 8.0 every dtype (not only bf16/fp16)
+    """CUDA numerics fix (5): below compute capability 8.0 every dtype (not only bf16/fp16)
     fails with one clear error naming the device's capability; from 8.0 on
     (sm_80, sm_90 and, through the PTX, newer GPUs) every dtype runs."""
     q = torch.randn(1, 2, 40, 64, device="cuda", dtype=dtype)
