@@ -12,11 +12,34 @@ computed by ``scaled_dot_product_attention`` (FlashAttention, cuDNN,
 memory-efficient or the CPU flash kernel: O(T) memory, no T x T matrix) with
 a float32 epilogue. Autograd through SDPA gives the exact gradients.
 
-Three details make it exact and robust:
+Five details make it exact and robust:
 * Centring. kappa is a covariance, so it does not depend on mu_k, mu_w (held
   constant). With 16-bit outputs, keys with a large mean make o_g and
-  <o_k, o_w> two big numbers whose difference is kappa; the caller centres k
-  and w (barrier_ops.ops._centred, shared with the fused backend).
+  <o_k, o_w> two big numbers whose difference is kappa, so k and w are
+  centred on the mean of the "rest" keys (below), here, not by the caller.
+  The logits use the centred keys too (SDPA's dq = c sum_s dS_ts k_s would
+  cancel a large mean); in 16 bits as hi + lo halves, q' = [q | q] and
+  k' = [hi | lo]: rounded once, an outlier's centred key would move its
+  logits by ~offset * 2^-9 * |q|. (On CPU q and k are padded to V''s width
+  anyway, so the split is free there; on CUDA it widens q and k by d.)
+* Outliers (attention sinks). One key/value far from the others (the first
+  token's massive activations, offsets of 10-40 std) defeats any centring:
+  o_g and <o_k, o_w> both carry alpha_0 g_0 with g_0 ~ d offset^2. So the
+  OUTLIERS keys with the largest k and w norms per (b, h) leave V': their rows
+  hold only an indicator column each, and one more column marks the rest, so
+  SDPA returns their weights p_j and the rest's p_R = 1 - sum_j p_j. With S_k,
+  S_w, A the rest's sums of alpha k, alpha w, alpha g (centred on the rest),
+  and K_j, W_j, G_j = <K_j, W_j> the outliers' centred values (float32):
+      kappa / c = (A - <S_k, S_w>) + p_R sum_j p_j G_j
+                  - sum_j p_j (<S_k, W_j> + <K_j, S_w>)
+                  + 1/2 sum_{j,l} p_j p_l <K_j - K_l, W_j - W_l>
+  an exact identity (law of total covariance) whose terms carry their own
+  weights, so none is a difference of large numbers: each is rounded
+  relatively and is small when kappa is. Measured (benchmarks/sdpa_outliers.py,
+  docs/ops.md "Accuracy"): bf16 margins within 0.014 of the float64 reference
+  with a sink at 0-40 std (3.4 / 16.9 at 10 / 30 std before).
+* Range. Powers of two per (b, h) scale the k, w and g columns to |x| <= 1
+  (exact), so float16 holds g of keys and values of magnitude ~40 and more.
 * Key padding without a T x T mask. A padded key gets the logit -L through
   one extra column: q' = [q | M], k' = [k | -M] for padded keys and 0 for real
   ones, with c M^2 = L (2^14 for float16, whose math path must not overflow,
@@ -50,7 +73,17 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
-def value_layout(device: torch.device, d: int, masked: bool) -> Tuple[int, int]:
+# Keys handled outside SDPA, per (b, h) (see "Outliers" in the module docstring).
+OUTLIERS = 4
+
+
+def value_width(d: int, outliers: int = OUTLIERS) -> int:
+    """Columns of V': [k | w | g | one weight column per outlier | the rest's weight]."""
+    return 2 * d + 1 + outliers + 1
+
+
+def value_layout(device: torch.device, d: int, masked: bool,
+                 outliers: int = OUTLIERS, split_keys: bool = False) -> Tuple[int, int]:
     """(width of q' and k', width of V') for the SDPA call.
 
     PyTorch's CPU flash kernel (and FlashAttention on CUDA) want q, k and v of
@@ -60,7 +93,7 @@ def value_layout(device: torch.device, d: int, masked: bool) -> Tuple[int, int]:
     memory-efficient and cuDNN kernels take a wider V' as it is; widths there
     are multiples of 8, which their alignment rules want.
     """
-    qk, v = d + int(masked), 2 * d + 1
+    qk, v = (2 * d if split_keys else d) + int(masked), value_width(d, outliers)
     if device.type == "cuda":
         return _round_up(qk, 8), _round_up(v, 8)
     width = max(qk, v)
@@ -102,6 +135,54 @@ class _ScaleOutputGrad(torch.autograd.Function):
         return do * factor.to(do.dtype), factor
 
 
+def _split_outliers(k: torch.Tensor, w: torch.Tensor, key_mask: Optional[torch.Tensor],
+                    outliers: int):
+    """(index [B, H, n] of the outlier keys, rest [B, H, T, 1] bool, k and w centred on the rest).
+
+    Outliers are the keys with the largest k and w norms relative to the
+    head's mean squared norms (an attention sink has either or both); the
+    choice is a constant (detached): the split is exact for any choice.
+    """
+    B, H, T, d = k.shape
+    real = None if key_mask is None else key_mask[:, None, :].to(k.dtype)  # [B, 1, T]
+    with torch.no_grad():
+        kk, ww = k.detach().square().sum(-1), w.detach().square().sum(-1)  # [B, H, T]
+        if real is not None:
+            kk, ww = kk * real, ww * real
+        tiny = torch.finfo(k.dtype).tiny
+        score = kk / kk.mean(-1, keepdim=True).clamp(min=tiny) + ww / ww.mean(
+            -1, keepdim=True).clamp(min=tiny)
+        index = score.topk(outliers, dim=-1).indices  # [B, H, n]
+    # Out of place (torch.func.vmap refuses an in-place scatter into an unbatched tensor).
+    is_outlier = torch.zeros(B, H, T, dtype=torch.bool, device=k.device).scatter(-1, index, True)
+    rest = ~is_outlier if real is None else ~is_outlier & (real > 0)
+    rest_f = rest.to(k.dtype)[..., None]
+    mu_k, mu_w = _rest_means(k, w, rest_f)
+    return index, rest_f, k - mu_k, w - mu_w
+
+
+def _rest_means(k: torch.Tensor, w: torch.Tensor, rest: torch.Tensor):
+    """The centring: means of k and w over the rest (real, not outlier) keys, held constant.
+
+    kappa does not depend on them; they are there for precision. With 16-bit
+    outputs, keys or values with a large mean make sum alpha g and
+    <kbar, wbar> two big numbers whose difference is kappa; after the outlier
+    split no single key dominates the mean, however far the outliers lie.
+    """
+    count = rest.sum(2, keepdim=True).clamp(min=1.0)
+    mu_k = (k.detach() * rest).sum(2, keepdim=True) / count
+    mu_w = (w.detach() * rest).sum(2, keepdim=True) / count
+    return mu_k, mu_w
+
+
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, 1, 1]: a power of two >= max |x| per (b, h) (1 where x is all zero), constant."""
+    with torch.no_grad():
+        peak = x.detach().abs().amax(dim=(2, 3), keepdim=True)
+        usable = torch.isfinite(peak) & (peak > 0)
+        return torch.where(usable, torch.exp2(torch.ceil(torch.log2(peak))), torch.ones_like(peak))
+
+
 def _attention_form(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,21 +193,44 @@ def _attention_form(
 ) -> torch.Tensor:
     """kappa [B, H, T] for s <= t (is_causal) or all keys.
 
-    k and w come centred (barrier_ops.ops._centred), so V' = [k | w | <k, w>]
-    is the centred value of docs/math.md; padded keys hold finite values.
+    k and w come as the layer has them (this backend centres them itself),
+    padded keys zeroed. See the module docstring for V', the outlier split
+    and the hi/lo keys.
     """
     B, H, T, d = q.shape
     io = q.dtype  # SDPA runs in q's dtype; k and w may come in the accumulation dtype
     acc = _checks.margin_dtype(io)
+    if T == 0:  # strict causality with T = 1 leaves no query with a key
+        return sum(t.to(acc).sum(-1) for t in (q, k, w))  # empty; zero gradients for all three
+    n_out = min(OUTLIERS, T)
     k_acc, w_acc = k.to(acc), w.to(acc)
-    value = torch.cat([k_acc, w_acc, (k_acc * w_acc).sum(-1, keepdim=True)], dim=-1)
+    index, rest, kc, wc = _split_outliers(k_acc, w_acc, key_mask, n_out)
+    k_rest, w_rest = kc * rest, wc * rest
+    # Powers of two that bring the rest's columns to |x| <= 1 (exact scalings):
+    # float16 cannot hold g = <k, w> of keys and values of magnitude ~40.
+    s_k, s_w = _pow2_scale(k_rest), _pow2_scale(w_rest)
+    # [B, H, T, n]: key s is outlier j (a comparison: F.one_hot reads values, which vmap refuses)
+    positions = torch.arange(T, device=q.device)[:, None]
+    indicator = (positions == index[:, :, None, :]).to(acc)
+    value = torch.cat([
+        k_rest / s_k, w_rest / s_w, (k_rest * w_rest).sum(-1, keepdim=True) / (s_k * s_w),
+        indicator, rest,
+    ], dim=-1)
 
     rescale = io == torch.float16
-    query, key = q, k
+    query, key = q, kc
     if rescale:
-        query, key, value, token = _UnscaleInputGrads.apply(q.to(acc), k_acc, value)
+        query, key, value, token = _UnscaleInputGrads.apply(q.to(acc), kc, value)
     masked = key_mask is not None
-    qk_width, v_width = value_layout(q.device, d, masked)
+    # The logits come from the centred keys (so that SDPA's dq = c sum dS k
+    # does not cancel a large mean). In 16 bits each key is split into
+    # hi + lo (q' = [q | q], k' = [hi | lo]): rounded once, an outlier's
+    # centred key (offset ~40) would move its logits by ~40 * 2^-9 * |q|.
+    split = io in (torch.float16, torch.bfloat16)
+    qk_width, v_width = value_layout(q.device, d, masked, n_out, split)
+    if split:
+        hi = key.to(io)
+        query, key = torch.cat([query, query], dim=-1), torch.cat([hi, key - hi.to(acc)], dim=-1)
     query, key, value = query.to(io), key.to(io), value.to(io)
     if masked:
         big = math.sqrt(_PADDED_LOGIT.get(io, _PADDED_LOGIT_DEFAULT) / scale)
@@ -138,14 +242,32 @@ def _attention_form(
     value = F.pad(value, (0, v_width - value.shape[-1]))
 
     out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
-    out = out[..., : 2 * d + 1].to(acc)
+    out = out[..., : value_width(d, n_out)].to(acc)
     if rescale:
         out = _ScaleOutputGrad.apply(out, token)
-    kbar, wbar, gbar = out[..., :d], out[..., d : 2 * d], out[..., 2 * d]
-    return scale * (gbar - (kbar * wbar).sum(-1))
+    sum_k = out[..., :d] * s_k  # sum over the rest of alpha (k - mu), [B, H, T, d]
+    sum_w = out[..., d : 2 * d] * s_w
+    sum_g = out[..., 2 * d] * (s_k * s_w)[..., 0]  # [B, H, T]
+    p = out[..., 2 * d + 1 : 2 * d + 1 + n_out]  # each outlier's weight, [B, H, T, n]
+    p_rest = out[..., 2 * d + 1 + n_out]  # the rest's total weight
+    # The outliers' centred k and w, exact (float32/64): [B, H, n, d].
+    gather = index[..., None].expand(B, H, n_out, d)
+    k_out, w_out = kc.gather(2, gather), wc.gather(2, gather)
+    g_out = (k_out * w_out).sum(-1)  # [B, H, n]
+    # kappa / c = sum alpha g - <sum alpha k, sum alpha w> with the outliers'
+    # terms taken out of SDPA and recombined without cancellation (module docstring).
+    within = sum_g - (sum_k * sum_w).sum(-1)
+    between = p_rest * (p * g_out[:, :, None, :]).sum(-1)
+    cross = (p * (torch.einsum("bhtd,bhnd->bhtn", sum_k, w_out)
+                  + torch.einsum("bhnd,bhtd->bhtn", k_out, sum_w))).sum(-1)
+    diff_k = k_out[:, :, :, None, :] - k_out[:, :, None, :, :]  # [B, H, n, n, d]
+    diff_w = w_out[:, :, :, None, :] - w_out[:, :, None, :, :]
+    spread = (diff_k * diff_w).sum(-1)  # [B, H, n, n]
+    pairs = 0.5 * torch.einsum("bhtn,bhnm,bhtm->bht", p, spread, p)
+    return scale * (within + between - cross + pairs)
 
 
-def kappa_sdpa(
+def _kappa_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     w: torch.Tensor,
@@ -163,3 +285,16 @@ def kappa_sdpa(
     shifted_mask = None if key_padding_mask is None else key_padding_mask[:, :-1]
     rest = _attention_form(q[:, :, 1:], k[:, :, :-1], w[:, :, :-1], scale, True, shifted_mask)
     return F.pad(rest, (1, 0))
+
+
+def kappa_sdpa(q, k, w, scale, causal, key_padding_mask):
+    """kappa [B, H, T] through SDPA; q, k, w one slice per query head, padding zeroed, uncentred.
+
+    Values at invalid positions are arbitrary (finite); the caller masks them.
+    """
+    return _kappa_sdpa(q, k, w, scale, causal, key_padding_mask)
+
+
+# The caller passes k and w as they are: the centring on the rest's mean
+# happens inside (_rest_means), after the outlier split.
+kappa_sdpa.centres_itself = True

@@ -28,6 +28,11 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 # backend="auto" by device type. CPU: the fused kernel's fwd+bwd is 1.4-2x
 # faster than the attention form's for T = 512..4096 (docs/benchmarks.md).
 # CUDA: sdpa until GPU measurements (benchmarks/gpu_check.sh) say otherwise.
+# Accuracy does not decide it with attention sinks (both within 0.03 of the
+# reference, docs/ops.md "Accuracy"; sdpa's outlier split costs +10-18% on
+# CPU), but 16-bit sdpa loses kappa when every key and value is large (std
+# 20: 4.3 in bf16, fused 4e-4): fused should be the CUDA default unless it is
+# much slower on the GPU.
 AUTO: Dict[str, str] = {"cpu": "fused", "cuda": "sdpa"}
 
 # Device types the fused kernels are compiled for.

@@ -121,14 +121,23 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
     group = H // k.shape[1]
     if group > 1:  # GQA: one slice per query head; autograd sums the group's gradients
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    k, w = _centred(k, _coupled_values(v, coupling), key_padding_mask)
+    # w = A v in the accumulation dtype: rounded to 16 bits, an attention
+    # sink's w_0 (|v_0| ~ 40) would be off by ~40 * 2^-9 before any kernel ran.
+    acc = _checks.margin_dtype(q.dtype)
+    w = _coupled_values(v.to(acc), None if coupling is None else coupling.to(acc))
+    if not getattr(kappa_fn, "centres_itself", False):
+        k, w = _centred(k, w, key_padding_mask)
     kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask)
-    # NaN/inf inputs must reach the result. A non-finite real key or value
-    # already does (the centring's means spread it over its head); a
-    # non-finite query can still end in a finite kappa on a backend that maps
-    # an all -inf logit row to zero weights (SDPA does): make it NaN here.
-    # An added NaN, not a torch.where: the gradient still flows (and is NaN).
-    kappa = kappa + torch.zeros_like(kappa).masked_fill(~torch.isfinite(q).all(-1), float("nan"))
+    # NaN/inf in a real input must reach the result, the same way on every
+    # backend: a query, its own row; a key or value (or the coupling), every
+    # row of the heads that read it. The kernels alone differ: a backend may
+    # map an all -inf logit row to zero weights (SDPA does), or leave an inf key
+    # that no valid query attends to out of every result. Padding is zeroed
+    # above, so only real positions count. An added NaN, not a torch.where:
+    # the gradient still flows (and is NaN).
+    bad = ~torch.isfinite(q).all(-1) | ~(torch.isfinite(k).all(-1) & torch.isfinite(w).all(-1)).all(
+        -1, keepdim=True)
+    kappa = kappa + torch.zeros_like(kappa).masked_fill(bad, float("nan"))
     valid = valid_positions(B, T, causal, key_padding_mask, q.device)
     kappa = torch.where(valid[:, None, :], kappa, torch.zeros_like(kappa))
     return kappa, valid

@@ -103,11 +103,14 @@ def token_kappa_reference(
     wbar = torch.matmul(alpha, w)
     kappa = c * (torch.matmul(alpha, g.unsqueeze(-1)).squeeze(-1) - (kbar * wbar).sum(-1))
 
-    # A non-finite query makes its kappa NaN (an all -inf logit row would
-    # otherwise give zero weights and kappa 0); non-finite keys and values
-    # reach every row through 0 * inf in the products above.
-    # An added NaN, not a torch.where: the gradient still flows (and is NaN).
-    kappa = kappa + torch.zeros_like(kappa).masked_fill(~torch.isfinite(q).all(-1), float("nan"))
+    # NaN/inf in a real query makes its kappa NaN (an all -inf logit row would
+    # otherwise give zero weights and kappa 0); in a real key or value, every
+    # row of the heads that read it (explicitly, not by relying on 0 * inf in
+    # the products above). An added NaN: the gradient still flows (and is NaN).
+    real = 1.0 if key_padding_mask is None else key_padding_mask.view(B, 1, T)
+    kv_bad = (~(torch.isfinite(k_h).all(-1) & torch.isfinite(w).all(-1)) & (real > 0)).any(-1)
+    bad = ~torch.isfinite(q).all(-1) | kv_bad[..., None]
+    kappa = kappa + torch.zeros_like(kappa).masked_fill(bad, float("nan"))
     valid = valid_positions(B, T, causal, key_padding_mask, q.device)
     kappa = torch.where(valid.view(B, 1, T), kappa, torch.zeros((), dtype=acc, device=q.device))
     return kappa, valid
