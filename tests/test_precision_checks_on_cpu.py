@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from barrier_ops import _sdpa, ops
+from barrier_ops import _sdpa
 from _cases import GRID, Case
 from _precision_checks import (
     check_against_reference,
@@ -90,11 +90,9 @@ def test_sdpa_real_scale_check_passes_on_cpu_under_strict_causality():
 
 
 def test_sdpa_real_scale_check_catches_a_missing_centring(monkeypatch):
-    def uncentred(k, w, key_padding_mask):
-        acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-        return k.to(acc), w.to(acc)
-
-    monkeypatch.setattr(ops, "_centred", uncentred)
+    # The sdpa backend centres k and w on the mean of the keys left after the
+    # outlier split; a zero mean is the uncentred form.
+    monkeypatch.setattr(_sdpa, "_rest_means", lambda k, w, rest: (0.0, 0.0))
     _fails(lambda: sdpa_real_scale_check(torch.bfloat16, 10.0, True, "cpu"))
 
 
