@@ -193,6 +193,35 @@ def _support_token_argmin_fake(margins, key_padding_mask):
     return margins.new_empty(rows, dtype=torch.int64), margins.new_empty(rows)
 
 
+def support_token_argmin_aten(
+    margins: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """support_token_argmin in ATen ops, with the fused kernels' contract.
+
+    Ties to the smallest index, NaN skipped like padding, -1 / +inf for a row
+    with no valid position. The kernel for devices this build has no fused
+    kernel for (a CPU-only build on a GPU machine): attach's statistics and the
+    experiment call support_token_argmin, so it must not fail there.
+    """
+    _checks.check_margins_and_mask(margins, key_padding_mask)
+    valid = ~torch.isnan(margins)
+    if key_padding_mask is not None:
+        valid = valid & (key_padding_mask if margins.dim() == 2 else key_padding_mask[:, None, :])
+    inf = torch.full((), float("inf"), dtype=margins.dtype, device=margins.device)
+    values, indices = torch.where(valid, margins, inf).min(dim=-1)  # first index of the minimum
+    # A minimum of +inf ties with every invalid position: take the first valid +inf instead.
+    first_valid_inf = (valid & (margins == inf)).to(torch.uint8).argmax(dim=-1)
+    indices = torch.where(values == inf, first_valid_inf, indices)
+    indices = torch.where(valid.any(dim=-1), indices, torch.full_like(indices, -1))
+    return indices.contiguous(), values.contiguous()
+
+
+# A build without CUDA kernels (setup.py compiles them only where a GPU is
+# visible or BARRIER_OPS_CUDA=1) still answers on CUDA tensors.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::support_token_argmin", "CUDA"):
+    _lib.impl("support_token_argmin", support_token_argmin_aten, "CUDA")
+
+
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
