@@ -166,7 +166,11 @@ def sdpa_kernel_name(q, k, v, is_causal: bool = True) -> str:
 
 
 def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=True) -> str:
-    """Kernel for the sdpa backend's q', k' (width d [+1], padded) and V' (width 2d+1, padded).
+    """Kernel for the sdpa backend's q', k' and V' at this dtype.
+
+    q' and k' are d wide (2d in bf16/fp16, where each key is split into a high
+    and a low half), +1 with a mask; V' carries the centred keys, values, the
+    <k, w> column and the outlier keys' indicator columns; all padded.
 
     Shapes from barrier_ops._sdpa.value_layout, the layout _attention_form builds
     (a private helper: if it is gone, the row says so and keeps its timings).
@@ -174,7 +178,7 @@ def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=T
     try:
         from barrier_ops._sdpa import value_layout
 
-        qk_w, v_w = value_layout(device, d, masked)
+        qk_w, v_w = value_layout(device, d, masked, split_keys=dtype in (torch.float16, torch.bfloat16))
     except Exception as exc:
         return f"unknown ({_short_error(exc)})"
     make = lambda w: torch.empty(B, H, T, w, device=device, dtype=dtype,  # noqa: E731
