@@ -5,14 +5,24 @@ For each T it times forward and forward+backward of margin_barrier_loss for
   sdpa      barrier_ops.margin_barrier_loss(backend="sdpa") (PyTorch's CPU flash attention)
   eager     barrier_ops.reference.margin_barrier_loss_reference
   compiled  torch.compile(reference)   (skip with --no-compile)
+  attention PyTorch's plain causal attention, F.scaled_dot_product_attention with
+            value width d (the yardstick: not the barrier, a kernel of known quality)
 and measures each one's peak memory in a fresh subprocess (peak RSS growth of
 one forward+backward after a warm-up), since CPU tensors have no allocator
 statistics. Prints a table and writes JSON.
+
+It also prints a roofline table: achieved GFLOP/s of each fwd+bwd (FLOPs counted
+as in docs/benchmarks.md: the barrier is T^2 (10 d + 3) per (b, h), plain causal
+attention T^2 (4 d + 3 dv)), the sgemm ceiling measured in the same process and
+thread count (torch.mm, 2048^3 float32), the percentage of it, and the fused op's
+time over the attention yardstick's next to the FLOP ratio of the two.
 
     python benchmarks/bench_cpu.py                    # T = 512 1024 2048 4096, d = 64
     python benchmarks/bench_cpu.py --quick            # T = 256 512, no compile
     python benchmarks/bench_cpu.py --out results.json --threads 2
     python benchmarks/bench_cpu.py --T 512 1024 --impls fused sdpa --repeats 5
+    python benchmarks/bench_cpu.py --threads 1 --impls fused sdpa attention --no-memory \
+        --T 512 1024 2048 4096 8192 --out benchmarks/results/cpu_roofline_1thread.json
 """
 
 from __future__ import annotations
@@ -30,7 +40,46 @@ import time
 
 import torch
 
-IMPLS = ("fused", "sdpa", "eager", "compiled")
+IMPLS = ("fused", "sdpa", "eager", "compiled", "attention")
+SGEMM_N = 2048
+
+
+def barrier_flops(B, H, T, d):
+    """FLOPs of one causal fwd+bwd of margin_barrier_loss, counted in the attention form.
+
+    The barrier's core is attention with value [k | w | g] of width dv = 2d + 1;
+    causal attention with key width d and value width dv costs T^2 (4 d + 3 dv)
+    per (b, h) (see attention_flops), so T^2 (10 d + 3).
+    """
+    return attention_flops(B, H, T, d, 2 * d + 1)
+
+
+def attention_flops(B, H, T, d, dv=None):
+    """FLOPs of one causal fwd+bwd of attention, key width d, value width dv (default d).
+
+    A GEMM over all T x T (query, key) pairs with inner width n costs 2 T^2 n;
+    causal keeps half the pairs: T^2 n. Forward: Q K^T (n = d), P V (dv).
+    Backward: Q K^T again (d), dP = dO V^T (dv), dV = P^T dO (dv), dQ = dS K (d),
+    dK = dS^T Q (d). Total T^2 (4 d + 3 dv) per (b, h); element-wise softmax
+    work is not counted.
+    """
+    dv = d if dv is None else dv
+    return B * H * T * T * (4 * d + 3 * dv)
+
+
+def sgemm_gflops(n=SGEMM_N, repeats=5):
+    """Median GFLOP/s of torch.mm on n x n float32 matrices in this process (2 n^3 FLOPs)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def _inputs(B, H, Hkv, T, d, seed=0):
@@ -51,7 +100,26 @@ def _loss_fn(impl):
         return reference.margin_barrier_loss_reference
     if impl == "compiled":
         return torch.compile(reference.margin_barrier_loss_reference, dynamic=False)
+    if impl == "attention":
+        return _attention_loss
     raise ValueError(impl)
+
+
+def _attention_loss(q, k, v):
+    """Plain causal attention, value width d, reduced to a scalar so it can be timed like a loss.
+
+    The reduction is a dot with a fixed random tensor, so the backward gets a
+    dense, non-constant output gradient as in training. The weight is drawn
+    once per shape and cached, so the timed calls do not pay for drawing it.
+    """
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return (out * _output_weight(tuple(out.shape), out.dtype)).sum()
+
+
+@functools.lru_cache(maxsize=4)
+def _output_weight(shape, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
 def _closures(impl, shape):
@@ -150,6 +218,63 @@ def measure_memory(impl, shape, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"], None
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _add_roofline(row, impls, sgemm):
+    """Adds fwd_bwd_flops / fwd_bwd_gflops / pct_of_sgemm to each timed impl of a row."""
+    B, H, T, d = row["B"], row["H"], row["T"], row["d"]
+    for impl in impls:
+        r = row[impl]
+        flops = attention_flops(B, H, T, d) if impl == "attention" else barrier_flops(B, H, T, d)
+        r["fwd_bwd_flops"] = flops
+        if r.get("fwd_bwd_s"):
+            r["fwd_bwd_gflops"] = flops / r["fwd_bwd_s"] / 1e9
+            r["pct_of_sgemm"] = 100 * r["fwd_bwd_gflops"] / sgemm
+    if "attention" in impls and row["fused"].get("fwd_bwd_s") and row["attention"].get("fwd_bwd_s"):
+        row["fused_over_attention_time"] = row["fused"]["fwd_bwd_s"] / row["attention"]["fwd_bwd_s"]
+        row["barrier_over_attention_flops"] = barrier_flops(B, H, T, d) / attention_flops(B, H, T, d)
+
+
+def roofline_lines(rows, impls, args, sgemm_before, sgemm_after):
+    sgemm = max(sgemm_before, sgemm_after)
+    shown = [i for i in ("fused", "sdpa", "attention") if i in impls]
+    head = f"{'T':>6} | " + " | ".join(f"{i + ' ms':>12} | {'GFLOP/s':>7} | {'%':>3}" for i in shown)
+    if "attention" in shown:
+        head += f" | {'fused/attn time':>15} | {'FLOP ratio':>10}"
+    out = ["", f"Roofline, fwd+bwd, {args.threads} thread(s): sgemm ceiling (torch.mm {SGEMM_N}^3 "
+           f"float32, same process) {sgemm:.1f} GFLOP/s (before rows {sgemm_before:.1f}, after "
+           f"{sgemm_after:.1f}); FLOPs: barrier B H T^2 (10 d + 3), attention B H T^2 7 d",
+           head, "-" * len(head)]
+    for row in rows:
+        cells = []
+        for impl in shown:
+            r = row[impl]
+            if r.get("fwd_bwd_s"):
+                cells.append(f"{r['fwd_bwd_s'] * 1e3:>12.1f} | {r['fwd_bwd_gflops']:>7.1f} | "
+                             f"{r['pct_of_sgemm']:>3.0f}")
+            else:
+                cells.append(f"{'n/a':>12} | {'n/a':>7} | {'n/a':>3}")
+        line = f"{row['T']:>6} | " + " | ".join(cells)
+        if "attention" in shown:
+            t = row.get("fused_over_attention_time")
+            flop_ratio = row.get("barrier_over_attention_flops", 0)
+            line += f" | {(f'{t:.2f}' if t else 'n/a'):>15} | {flop_ratio:>10.2f}"
+        out.append(line)
+    if "attention" in shown:
+        out.append("fused/attn time <= FLOP ratio means the fused op does at least as many FLOP/s "
+                   "as PyTorch's causal attention.")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096])
@@ -164,6 +289,8 @@ def main():
                    help="implementations to run (fused is always included: the ratios are to it)")
     p.add_argument("--quick", action="store_true", help="T = 256 512, no compile, 2 repeats")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.json"))
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory subprocesses (roofline runs: time only)")
     p.add_argument("--child-memory", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,17 +304,26 @@ def main():
         args.T, args.no_compile, args.repeats = [256, 512], True, 2
     impls = [i for i in IMPLS if (i in args.impls or i == "fused")
              and not (i == "compiled" and args.no_compile)]
-    device = f"{platform.processor() or platform.machine()} ({args.threads} threads), torch {torch.__version__}"
+    device = f"{_cpu_model()} ({args.threads} threads), torch {torch.__version__}"
+    # The ceiling is measured before and after the rows, so drift of the
+    # machine over the run shows; the larger of the two is the ceiling.
+    sgemm_before = sgemm_gflops()
+    print(f"  sgemm {SGEMM_N}^3 float32: {sgemm_before:.1f} GFLOP/s", file=sys.stderr, flush=True)
     rows = []
     for T in args.T:
         shape = (args.B, args.H, args.Hkv, T, args.d)
         row = {"T": T, "B": args.B, "H": args.H, "Hkv": args.Hkv, "d": args.d}
         timings = time_impls(impls, shape, args.repeats)
         for impl in impls:
-            peak, err = measure_memory(impl, shape, args.threads)
+            peak, err = (None, "not measured (--no-memory)") if args.no_memory else \
+                measure_memory(impl, shape, args.threads)
             row[impl] = dict(timings[impl], peak_bytes=peak, **({"memory_error": err} if err else {}))
             print(f"  T={T} {impl}: {row[impl]}", file=sys.stderr, flush=True)
         rows.append(row)
+    sgemm_after = sgemm_gflops()
+    sgemm = max(sgemm_before, sgemm_after)
+    for row in rows:
+        _add_roofline(row, impls, sgemm)
 
     def ratio(row, impl, key):
         a, b = row[impl].get(key), row["fused"].get(key)
@@ -220,10 +356,17 @@ def main():
             summary.append(f"T={row['T']}: fused fwd+bwd is {sp:.2f}x faster than sdpa"
                            + (f" (paired {span[0]:.2f}-{span[1]:.2f})" if span else ""))
     lines += summary
+    roofline = roofline_lines(rows, impls, args, sgemm_before, sgemm_after)
+    lines += roofline
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": device, "rows": rows, "table": lines, "summary": summary}, f, indent=2)
+        json.dump({"device": device, "cpu_model": _cpu_model(), "threads": args.threads,
+                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                   "sgemm_gflops": {"n": SGEMM_N, "before": sgemm_before, "after": sgemm_after,
+                                    "ceiling": sgemm},
+                   "flop_count": {"barrier": "B H T^2 (10 d + 3)", "attention": "B H T^2 7 d"},
+                   "rows": rows, "table": lines, "summary": summary}, f, indent=2)
     print(f"wrote {args.out}")
 
 
