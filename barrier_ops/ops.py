@@ -135,9 +135,16 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
     # that no valid query attends to out of every result. Padding is zeroed
     # above, so only real positions count. An added NaN, not a torch.where:
     # the gradient still flows (and is NaN).
-    bad = ~torch.isfinite(q).all(-1) | ~(torch.isfinite(k).all(-1) & torch.isfinite(w).all(-1)).all(
+    # x * 0 is exactly (+-)0 where x is finite and NaN where it is inf or NaN,
+    # so these sums are 0 for finite rows and NaN otherwise: one multiply and
+    # one fast reduction per tensor (isfinite(x).all(-1) took ~13x as long, 5%
+    # of a CPU fwd + bwd at T = 1024), and adding 0 leaves kappa unchanged.
+    def nan_if_not_finite(x):
+        return (x.detach() * 0).sum(-1)
+
+    poison = nan_if_not_finite(q) + (nan_if_not_finite(k) + nan_if_not_finite(w)).sum(
         -1, keepdim=True)
-    kappa = kappa + torch.zeros_like(kappa).masked_fill(bad, float("nan"))
+    kappa = kappa + poison.to(kappa.dtype)
     valid = valid_positions(B, T, causal, key_padding_mask, q.device)
     kappa = torch.where(valid[:, None, :], kappa, torch.zeros_like(kappa))
     return kappa, valid

@@ -95,28 +95,36 @@ BARRIER_OPS_ALWAYS_INLINE double softmax_exp(double x) { return std::exp(x); }
 // type for bool loads. The reductions may be reassociated (omp simd): a max,
 // and sums of non-negative weights, where the order changes nothing beyond
 // rounding; it lets them vectorize without -ffast-math.
+// The forward's score GEMM applies the softmax scale itself (its alpha), so
+// this pass only reads the row unless a mask has to write -inf into it.
 template <typename T>
-BARRIER_OPS_ALWAYS_INLINE T row_scale_max_impl(T* __restrict row, int64_t nk, T scale,
-                                               int64_t allowed_end, const bool* key_mask) {
+BARRIER_OPS_ALWAYS_INLINE T row_max_impl(T* __restrict row, int64_t nk, int64_t allowed_end,
+                                         const bool* key_mask) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t n = std::min(nk, allowed_end);
   T block_max = neg_inf;
   if (key_mask == nullptr) {
 #pragma omp simd reduction(max : block_max)
-    for (int64_t j = 0; j < n; ++j) {
-      row[j] *= scale;
-      block_max = std::max(block_max, row[j]);
-    }
+    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, row[j]);
   } else {
     const uint8_t* __restrict keep = reinterpret_cast<const uint8_t*>(key_mask);
 #pragma omp simd reduction(max : block_max)
     for (int64_t j = 0; j < n; ++j) {
-      row[j] = keep[j] != 0 ? scale * row[j] : neg_inf;
+      row[j] = keep[j] != 0 ? row[j] : neg_inf;
       block_max = std::max(block_max, row[j]);
     }
   }
   for (int64_t j = std::max<int64_t>(n, 0); j < nk; ++j) row[j] = neg_inf;
   return block_max;
+}
+
+// The online softmax's rescale of one accumulator row (2d + 1 wide): as many
+// multiplies per key block as the score row has exps, so it is vectorized
+// like them.
+template <typename T>
+BARRIER_OPS_ALWAYS_INLINE void row_rescale_impl(T* __restrict row, int64_t n, T factor) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) row[c] *= factor;
 }
 
 template <typename T>
@@ -179,14 +187,17 @@ BARRIER_OPS_ALWAYS_INLINE void row_backward_impl(T* __restrict scores, T* __rest
 
 namespace detail {
 
-BARRIER_OPS_CPU_CLONES float row_scale_max(float* row, int64_t nk, float scale,
-                                           int64_t allowed_end, const bool* key_mask) {
-  return row_scale_max_impl(row, nk, scale, allowed_end, key_mask);
+BARRIER_OPS_CPU_CLONES float row_max(float* row, int64_t nk, int64_t allowed_end,
+                                     const bool* key_mask) {
+  return row_max_impl(row, nk, allowed_end, key_mask);
 }
-double row_scale_max(double* row, int64_t nk, double scale, int64_t allowed_end,
-                     const bool* key_mask) {
-  return row_scale_max_impl(row, nk, scale, allowed_end, key_mask);
+double row_max(double* row, int64_t nk, int64_t allowed_end, const bool* key_mask) {
+  return row_max_impl(row, nk, allowed_end, key_mask);
 }
+BARRIER_OPS_CPU_CLONES void row_rescale(float* row, int64_t n, float factor) {
+  row_rescale_impl(row, n, factor);
+}
+void row_rescale(double* row, int64_t n, double factor) { row_rescale_impl(row, n, factor); }
 BARRIER_OPS_CPU_CLONES float row_exp_sum(float* row, int64_t nk, float shift) {
   return row_exp_sum_impl(row, nk, shift);
 }
@@ -227,13 +238,13 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
   for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, key_end - s0);
     const scalar_t* key_rows = packed + s0 * width;
-    cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, d, scalar_t(1), q_block, d, key_rows, width,
+    cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, d, scale, q_block, d, key_rows, width,
               scalar_t(0), scores, kKeyBlock);
     const bool* key_mask = mask_row ? mask_row + s0 : nullptr;
     for (int64_t i = 0; i < nq; ++i) {
       scalar_t* row = scores + i * kKeyBlock;
       const int64_t allowed_end = std::min(nk, causal_key_end(causal, t0 + i, T) - s0);
-      const scalar_t block_max = detail::row_scale_max(row, nk, scale, allowed_end, key_mask);
+      const scalar_t block_max = detail::row_max(row, nk, allowed_end, key_mask);
       if (block_max == neg_inf) {
         // No finite logit among this block's allowed keys. The max reduction
         // skips NaN, so a NaN logit (NaN/inf in q or k) can land here: it
@@ -249,10 +260,7 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
       const scalar_t block_sum = detail::row_exp_sum(row, nk, new_max);
       row_sum[i] = row_sum[i] * correction + block_sum;
       row_max[i] = new_max;
-      if (correction != scalar_t(1)) {
-        scalar_t* acc_row = accum + i * width;
-        for (int64_t c = 0; c < width; ++c) acc_row[c] *= correction;
-      }
+      if (correction != scalar_t(1)) detail::row_rescale(accum + i * width, width, correction);
     }
     cpu::gemm(Trans::kNo, Trans::kNo, nq, width, nk, scalar_t(1), scores, kKeyBlock, key_rows,
               width, scalar_t(1), accum, width);
