@@ -139,6 +139,25 @@ def test_compile_dynamic_true_traces_eps_scale_and_target_symbolically(backend):
         compiled(q, k, v, mask, -1.0, 0.3, None)
 
 
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+def test_inductor_keeps_a_nonfinite_key_visible_in_the_loss(backend):
+    # The composite's finiteness test is (x * 0).sum(-1): an optimizer that
+    # folded x * 0 to 0 would hide an inf key again. Inductor is the compiler
+    # users get; the other compile tests use aot_eager.
+    # Under strict causality no query attends to the last key, so the kernel
+    # alone would not turn an inf there into a NaN loss (and sdpa leaves the
+    # largest keys out of its centring mean).
+    torch._dynamo.reset()
+    q, k, v, _, _ = make_inputs(Case(T=12))
+    step = torch.compile(lambda q, k, v: barrier_ops.margin_barrier_loss(q, k, v, causal="strict",
+                                                                        backend=backend),
+                         fullgraph=True)
+    assert torch.isfinite(step(q, k, v))
+    k = k.detach().clone()
+    k[0, 0, -1, 1] = float("inf")
+    assert torch.isnan(step(q, k, v))
+
+
 @pytest.mark.parametrize("backend", ["auto", "fused", "sdpa"])
 def test_torch_func_grad_and_vmap_of_grad_match_the_reference(backend):
     case = Case(B=2, H=2, Hkv=1, T=19, d=4, coupling="scalar", masked=True)
