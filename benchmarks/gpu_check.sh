@@ -75,6 +75,16 @@ phase_limit() {
 PHASES="$OUT/phases.env"
 : >"$PHASES"
 record() { printf '%s=%q\n' "$1" "$2" >>"$PHASES"; }
+# A timed phase's outcome: rc, limit, and whether `timeout` killed it (124/137).
+record_outcome() {  # PHASE RC LIMIT_S
+    record "$1_rc" "$2"
+    record "$1_limit_s" "$3"
+    if [ "$2" = 124 ] || [ "$2" = 137 ]; then
+        record "$1_status" "killed at the ${3}s phase limit"
+    else
+        record "$1_status" "rc $2"
+    fi
+}
 record total_s "$TOTAL"
 record simulate "$SIMULATE"
 
@@ -176,13 +186,7 @@ if [ "$RUN_TESTS" = 1 ]; then
     COLUMNS=240 timeout -k 5 "$T_LIMIT" "$PY" -m pytest "${ARGS[@]}" $TESTS >"$OUT/tests.log" 2>&1
     TESTS_RC=$?
     record tests_s $(( $(date +%s) - T0 ))
-    record tests_rc "$TESTS_RC"
-    record tests_limit_s "$T_LIMIT"
-    if [ "$TESTS_RC" = 124 ] || [ "$TESTS_RC" = 137 ]; then
-        record tests_status "killed at the ${T_LIMIT}s phase limit"
-    else
-        record tests_status "rc $TESTS_RC"
-    fi
+    record_outcome tests "$TESTS_RC" "$T_LIMIT"
     say "tests rc=$TESTS_RC: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1)"
 else
     record tests_status "not run (build failed)"
@@ -205,13 +209,7 @@ else
     say "harness: budget ${H_BUDGET}s, hard limit ${H_LIMIT}s (log $OUT/harness.log)"
     timeout -k 5 "$H_LIMIT" "$PY" benchmarks/gpu_check.py "${H_ARGS[@]}" 2>&1 | tee "$OUT/harness.log"
     H_RC=${PIPESTATUS[0]}
-    record harness_rc "$H_RC"
-    record harness_limit_s "$H_LIMIT"
-    if [ "$H_RC" = 124 ] || [ "$H_RC" = 137 ]; then
-        record harness_status "killed at the ${H_LIMIT}s limit"
-    else
-        record harness_status "rc $H_RC"
-    fi
+    record_outcome harness "$H_RC" "$H_LIMIT"
 fi
 
 finalize
