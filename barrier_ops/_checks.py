@@ -306,3 +306,37 @@ def check_margins_and_mask(
 def margin_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """Margins and losses are float32, or float64 for float64 inputs."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def check_query_positions(
+    query_positions: torch.Tensor, B: int, T: int, device: torch.device
+) -> torch.Tensor:
+    """A row set: int64 [B, R] on q's device, each entry a position in [0, T) or -1 (empty slot).
+
+    The values are checked on CPU in eager mode only (elsewhere the check would
+    cost a device sync or a graph break): there, and on every backend, an entry
+    outside [0, T) is an empty slot, so a bad value never reads out of bounds.
+    Returns the row set with such entries set to -1.
+    """
+    if not isinstance(query_positions, torch.Tensor):
+        raise TypeError(
+            f"query_positions must be None or a torch.Tensor, got {type(query_positions).__name__}"
+        )
+    if query_positions.dtype != torch.int64:
+        raise TypeError(f"query_positions must be an int64 tensor, got {query_positions.dtype}")
+    if query_positions.dim() != 2 or query_positions.shape[0] != B:
+        raise ValueError(
+            f"query_positions must have shape [B, R] with B={B}, got {_shape(query_positions)}"
+        )
+    if query_positions.device != device:
+        raise ValueError(
+            f"query_positions must be on q's device {device}, got {query_positions.device}"
+        )
+    in_range = (query_positions >= 0) & (query_positions < T)
+    if query_positions.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool((in_range | (query_positions == -1)).all()):
+            raise ValueError(
+                f"query_positions must hold positions in [0, T={T}) or -1 (empty slot), got values "
+                f"from {int(query_positions.min())} to {int(query_positions.max())}"
+            )
+    return torch.where(in_range, query_positions, torch.full_like(query_positions, -1))

@@ -4,8 +4,8 @@
 hinge (docs/math.md, "The barrier" and "Target margin"). Both are
 plain ATen expressions, so autograd derives their gradients and torch.compile
 fuses them. To add a barrier variant, add it here and select it in
-:func:`barrier`; the ops, the integrations and the experiments call
-:func:`barrier` and nothing else.
+:func:`penalty` (from a field of :class:`barrier_ops.options.BarrierOptions`);
+the ops and the integrations call :func:`penalty`, which calls :func:`barrier`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["psi", "barrier"]
+__all__ = ["psi", "barrier", "penalty"]
 
 
 def psi(m: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,3 +51,8 @@ def barrier(m: torch.Tensor, eps: float, target_margin: Optional[float] = None) 
     # ~(m >= m0), not m < m0: a NaN margin takes the hinge branch and stays
     # NaN, instead of reading as "at the target" with a zero penalty.
     return torch.where(m >= m0, torch.zeros_like(hinge), hinge)
+
+
+def penalty(m: torch.Tensor, options) -> torch.Tensor:
+    """The per-token penalty the options ask for (:class:`barrier_ops.options.BarrierOptions`)."""
+    return barrier(m, options.eps, options.target_margin)

@@ -12,6 +12,7 @@ reductions), and torch.compile traces the composite with no graph break.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -20,9 +21,13 @@ from . import _checks
 from . import _C  # noqa: F401  (loads the shared library, which registers the schemas)
 from ._kappa import _under_grad_transform
 from .backends import kappa_function
-from .barriers import barrier
+from .barriers import penalty
+from .options import _CEIL_SLACK, BarrierOptions, ceil_fraction
 
-__all__ = ["token_margins", "margin_barrier_loss", "support_token_argmin", "barrier_and_margins"]
+__all__ = [
+    "token_margins", "margin_barrier_loss", "support_token_argmin", "barrier_and_margins",
+    "sample_query_positions",
+]
 
 _ops = torch.ops.barrier_ops
 
@@ -94,7 +99,24 @@ def _centred(
     return k_acc - mu_k, w_acc - mu_w
 
 
-def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend):
+def _gather_rows(q: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """q's rows at the positions of a row set [B, R] -> [B, H, R, d]; an empty slot's row is zeros."""
+    B, H, _, d = q.shape
+    filled = query_positions >= 0
+    index = torch.where(filled, query_positions, torch.zeros_like(query_positions))
+    rows = q.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], d))
+    return torch.where(filled[:, None, :, None], rows, torch.zeros_like(rows))
+
+
+def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend,
+                        query_positions=None):
+    """kappa and its validity; with a row set, kappa [B, H, R] and validity [B, R] of the rows.
+
+    A row is valid when its slot is filled and its position is valid
+    (:func:`valid_positions`). Returns ``(kappa, valid_rows, valid)``, ``valid``
+    the [B, T] validity of all positions (the same tensor as ``valid_rows``
+    without a row set).
+    """
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
     scale = _checks.resolve_scale(scale, q.shape[-1])
     kappa_fn = kappa_function(backend, q.device)
@@ -113,6 +135,8 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
                 + ("" if coupling is None else f", coupling {coupling.dtype}")
             )
     B, H, T, _ = q.shape
+    if query_positions is not None:
+        query_positions = _checks.check_query_positions(query_positions, B, T, q.device)
     if key_padding_mask is not None:
         # Padded positions may hold anything (NaN, 1e30): zero them, so that
         # neither backend nor the coupling's gradient sum_s dw_s v_s^T reads them.
@@ -127,7 +151,17 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
     w = _coupled_values(v.to(acc), None if coupling is None else coupling.to(acc))
     if not getattr(kappa_fn, "centres_itself", False):
         k, w = _centred(k, w, key_padding_mask)
-    kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask)
+    valid = valid_positions(B, T, causal, key_padding_mask, q.device)
+    if query_positions is None:
+        kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask)
+        valid_rows = valid
+    else:
+        # Only the drawn rows: O(R T d) work in the backend, keys and values whole.
+        q = _gather_rows(q, query_positions)
+        kappa = kappa_fn(q, k, w, scale, causal, key_padding_mask, query_positions)
+        filled = query_positions >= 0
+        index = torch.where(filled, query_positions, torch.zeros_like(query_positions))
+        valid_rows = filled & valid.gather(1, index)
     # NaN/inf in a real input must reach the result, the same way on every
     # backend: a query, its own row; a key or value (or the coupling), every
     # row of the heads that read it. The kernels alone differ: a backend may
@@ -139,52 +173,105 @@ def _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, back
     # so these sums are 0 for finite rows and NaN otherwise: one multiply and
     # one fast reduction per tensor (isfinite(x).all(-1) took ~13x as long, 5%
     # of a CPU fwd + bwd at T = 1024), and adding 0 leaves kappa unchanged.
+    # With a row set q holds the drawn rows only: each drawn row carries its own.
     def nan_if_not_finite(x):
         return (x.detach() * 0).sum(-1)
 
     poison = nan_if_not_finite(q) + (nan_if_not_finite(k) + nan_if_not_finite(w)).sum(
         -1, keepdim=True)
     kappa = kappa + poison.to(kappa.dtype)
-    valid = valid_positions(B, T, causal, key_padding_mask, q.device)
-    kappa = torch.where(valid[:, None, :], kappa, torch.zeros_like(kappa))
-    return kappa, valid
+    kappa = torch.where(valid_rows[:, None, :], kappa, torch.zeros_like(kappa))
+    return kappa, valid_rows, valid
 
 
 def _margins(kappa: torch.Tensor, combine_heads: bool) -> torch.Tensor:
     return 1.0 - (kappa.sum(dim=1) if combine_heads else kappa)
 
 
-def _reduce_barrier(margins, valid, eps, target_margin, reduction):
-    """reduce(barrier(m)) over valid positions; valid is [B, T], margins [B, T] or [B, H, T]."""
-    valid = valid if margins.dim() == 2 else valid[:, None, :].expand_as(margins)
-    penalty = torch.where(valid, barrier(margins, eps, target_margin), torch.zeros_like(margins))
+def _per_head(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B, n] tensor broadcast to ``like`` ([B, n] or [B, H, n])."""
+    return x if like.dim() == 2 else x[:, None, :].expand_as(like)
+
+
+def _scatter_rows(rows: torch.Tensor, query_positions: torch.Tensor, valid_rows: torch.Tensor,
+                  base: torch.Tensor) -> torch.Tensor:
+    """``base`` [B, (H), T] with ``rows`` [B, (H), R] written at the valid rows' positions.
+
+    Invalid rows go to a scratch column T that is cut off again. Repeated
+    positions (a caller's row set; the sampler draws distinct ones) are summed.
+    """
+    T = base.shape[-1]
+    index = torch.where(valid_rows, query_positions, torch.full_like(query_positions, T))
+    index = _per_head(index, rows)
+    padded = torch.nn.functional.pad(base, (0, 1))
+    return padded.scatter_add(-1, index, rows)[..., :T]
+
+
+def _reduce_barrier(margins, valid, options, reduction, query_positions=None, valid_all=None):
+    """reduce(penalty(m)) over valid positions; valid is [B, T] (or [B, R] rows), margins [B, (H), T or R].
+
+    With a row set (``query_positions`` [B, R], ``valid`` the rows' validity,
+    ``valid_all`` [B, T] that of all positions) it is the Horvitz-Thompson
+    estimate: a valid row of sequence b weighs n_b / R_b (n_b valid positions,
+    R_b valid rows), so that for rows drawn uniformly without replacement the
+    expectation is the full value (docs/sampling.md). "mean" divides by the
+    full count of valid positions (times H per head), "none" is [B, (H), T]
+    with the weighted penalties at the drawn positions and 0 elsewhere.
+    """
+    valid_e = _per_head(valid, margins)
+    per_token = torch.where(valid_e, penalty(margins, options), torch.zeros_like(margins))
+    if query_positions is not None:
+        n_valid = valid_all.sum(1).to(margins.dtype)
+        n_rows = valid.sum(1).clamp(min=1).to(margins.dtype)
+        weight = n_valid / n_rows
+        per_token = per_token * (weight[:, None] if margins.dim() == 2 else weight[:, None, None])
+        if reduction == "none":
+            base = margins.new_zeros(margins.shape[:-1] + valid_all.shape[-1:])
+            return _scatter_rows(per_token, query_positions, valid, base)
     if reduction == "none":
-        return penalty
-    total = penalty.sum()
+        return per_token
+    total = per_token.sum()
     if reduction == "sum":
         return total
+    if query_positions is not None:  # the full count: N of the estimator
+        heads = 1 if margins.dim() == 2 else margins.shape[1]
+        return total / (valid_all.sum() * heads).clamp(min=1).to(total.dtype)
     # No valid position (all padding) gives 0, not 0/0.
-    return total / valid.sum().clamp(min=1).to(total.dtype)
+    return total / valid_e.sum().clamp(min=1).to(total.dtype)
 
 
 def _token_margins_impl(q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, backend):
     _checks.check_causal_mode(causal)
     key_padding_mask = _checks.as_bool_mask(key_padding_mask)
-    kappa, _ = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
+    kappa, _, _ = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
     return _margins(kappa, combine_heads)
 
 
 def _margin_barrier_loss_impl(
     q, k, v, coupling, scale, causal, key_padding_mask, combine_heads, eps, target_margin,
-    reduction, backend,
+    reduction, backend, query_positions=None,
 ):
     _checks.check_causal_mode(causal)
     key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     eps = _checks.check_eps_for_dtype(eps, q.dtype)
     target_margin = _checks.check_target_margin(target_margin, eps)
     _checks.check_reduction(reduction)
-    kappa, valid = _kappa_and_validity(q, k, v, coupling, scale, causal, key_padding_mask, backend)
-    return _reduce_barrier(_margins(kappa, combine_heads), valid, eps, target_margin, reduction)
+    options = _OpOptions(eps, target_margin)
+    kappa, valid_rows, valid = _kappa_and_validity(
+        q, k, v, coupling, scale, causal, key_padding_mask, backend, query_positions
+    )
+    return _reduce_barrier(
+        _margins(kappa, combine_heads), valid_rows, options, reduction, query_positions, valid
+    )
+
+
+class _OpOptions:
+    """The barrier's fields as the op schema passes them (already checked), read by penalty()."""
+
+    __slots__ = ("eps", "target_margin")
+
+    def __init__(self, eps, target_margin):
+        self.eps, self.target_margin = eps, target_margin
 
 
 # Kept at module level: the registrations live as long as this Library object.
@@ -289,6 +376,61 @@ def token_margins(
     )
 
 
+# Whether this build's op schema takes a row set (csrc/schemas.cpp). Until it
+# does, a sampled call runs the same composite directly (eager and torch.compile
+# alike trace the Python implementation of a CompositeImplicitAutograd op).
+_OP_TAKES_ROWS = "query_positions" in {
+    a.name for a in _ops.margin_barrier_loss.default._schema.arguments
+}
+
+
+def _check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator must be on the device of q ({device}), got a generator on {generator.device}"
+        )
+
+
+def sample_query_positions(
+    valid: torch.Tensor, query_fraction: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Draw a row set: in each sequence b, ``ceil(f * n_b)`` of its n_b valid positions.
+
+    Args:
+        valid: ``[B, T]`` bool, the valid positions (:func:`valid_positions`).
+        query_fraction: f in (0, 1].
+        generator: a ``torch.Generator`` on valid's device; None draws from
+            torch's global generator (reproducible under ``torch.manual_seed``).
+
+    Returns:
+        int64 ``[B, R]`` with ``R = ceil(f * T)`` (a static shape): row b holds
+        ``R_b = ceil(f * n_b)`` distinct positions drawn uniformly without
+        replacement among the valid ones, and -1 in the other slots, sorted
+        ascending (the -1 slots first).
+    """
+    from .options import check_query_fraction
+
+    f = check_query_fraction(query_fraction)
+    B, T = valid.shape
+    _check_generator(generator, valid.device)
+    R = ceil_fraction(f, T)
+    # Uniform keys, +inf at invalid positions: the R_b smallest keys of the n_b
+    # valid positions are a uniform subset of size R_b (float64: ties have
+    # probability ~T^2 2^-54, not ~T^2 2^-25 as with float32 keys).
+    keys = torch.rand(B, T, generator=generator, device=valid.device, dtype=torch.float64)
+    keys = torch.where(valid, keys, torch.full_like(keys, math.inf))
+    ranked = keys.topk(R, dim=1, largest=False, sorted=True).indices
+    n_valid = valid.sum(1, keepdim=True).to(torch.float64)
+    n_rows = torch.ceil(n_valid * f * _CEIL_SLACK).to(torch.int64)
+    rank = torch.arange(R, device=valid.device)
+    chosen = torch.where(rank[None, :] < n_rows, ranked, torch.full_like(ranked, -1))
+    return chosen.sort(dim=1).values
+
+
 def margin_barrier_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -303,6 +445,8 @@ def margin_barrier_loss(
     target_margin: Optional[float] = None,
     reduction: str = "mean",
     backend: str = "auto",
+    query_fraction: float = 1.0,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Smooth log-barrier on the stability margins: ``reduce(psi(m))`` over valid positions.
 
@@ -322,6 +466,18 @@ def margin_barrier_loss(
             (:func:`barrier_ops.barriers.barrier`).
         reduction: ``"mean"`` (over valid positions; 0 when there are none),
             ``"sum"`` or ``"none"`` (per position, 0 at invalid positions).
+        query_fraction: f in (0, 1]. 1 (default) computes every query row.
+            With f < 1 each call draws ``ceil(f * n_b)`` of the ``n_b`` valid
+            positions of each sequence uniformly without replacement (the same
+            rows for every head), computes kappa for those rows only (about f
+            of the O(T^2) work) and returns the Horvitz-Thompson estimate: a
+            random value whose expectation, and that of its gradient, is the
+            full loss (docs/sampling.md). ``"none"`` then holds the weighted
+            penalty at the drawn positions and 0 elsewhere.
+        generator: the ``torch.Generator`` the rows are drawn from (on q's
+            device); None uses torch's global generator (reproducible under
+            ``torch.manual_seed``; the one to use under torch.compile).
+            Unused when ``query_fraction == 1``.
 
     Returns:
         A scalar (or ``[B, H, T]`` / ``[B, T]`` for ``"none"``), float32
@@ -329,13 +485,32 @@ def margin_barrier_loss(
     """
     key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    eps = _checks.check_eps_for_dtype(eps, q.dtype)
-    op = _margin_barrier_loss_impl if _under_grad_transform() else _ops.margin_barrier_loss.default
-    return op(
-        q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), _checks.check_causal(causal),
-        key_padding_mask, bool(combine_heads), eps, _checks.check_target_margin(target_margin, eps),
-        _checks.check_reduction(reduction), backend,
+    options = BarrierOptions(
+        eps=eps, target_margin=target_margin, causal=causal, backend=backend,
+        combine_heads=bool(combine_heads), query_fraction=query_fraction,
     )
+    return _margin_barrier_loss(q, k, v, coupling, scale, key_padding_mask, options,
+                                options.causal_mode(), reduction, generator)
+
+
+def _margin_barrier_loss(q, k, v, coupling, scale, key_padding_mask, options, causal, reduction,
+                         generator=None):
+    """margin_barrier_loss with checked inputs and options; ``causal`` in the op's spelling."""
+    eps = _checks.check_eps_for_dtype(options.eps, q.dtype)
+    args = (
+        q, k, v, coupling, _checks.resolve_scale(scale, q.shape[-1]), causal, key_padding_mask,
+        options.combine_heads, eps, options.target_margin, _checks.check_reduction(reduction),
+        options.backend,
+    )
+    direct = _under_grad_transform()
+    if not options.sampled:
+        return (_margin_barrier_loss_impl if direct else _ops.margin_barrier_loss.default)(*args)
+    _check_generator(generator, q.device)
+    valid = valid_positions(q.shape[0], q.shape[2], causal, key_padding_mask, q.device)
+    rows = sample_query_positions(valid, options.query_fraction, generator)
+    if direct or not _OP_TAKES_ROWS:
+        return _margin_barrier_loss_impl(*args, rows)
+    return _ops.margin_barrier_loss.default(*args, rows)
 
 
 def barrier_and_margins(
@@ -352,25 +527,64 @@ def barrier_and_margins(
     target_margin: Optional[float] = None,
     reduction: str = "mean",
     backend: str = "auto",
+    query_fraction: float = 1.0,
+    generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(margin_barrier_loss, token_margins)`` from one kappa pass.
 
     For callers that need both (the training integrations log the margins).
-    Arguments and checks are those of :func:`margin_barrier_loss`.
+    Arguments and checks are those of :func:`margin_barrier_loss`. With
+    ``query_fraction < 1`` the loss is the sampled estimate and the margins
+    ``[B, (H), T]`` hold the drawn rows' margins, NaN at the valid positions
+    that were not drawn and 1.0 at invalid positions (as token_margins);
+    :func:`support_token_argmin` skips NaN, so it searches the drawn rows.
     """
     key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
-    eps = _checks.check_eps_for_dtype(eps, q.dtype)
-    target_margin = _checks.check_target_margin(target_margin, eps)
+    options = BarrierOptions(
+        eps=eps, target_margin=target_margin, causal=causal, backend=backend,
+        combine_heads=bool(combine_heads), query_fraction=query_fraction,
+    )
+    return _barrier_and_margins(q, k, v, coupling, scale, key_padding_mask, options,
+                                options.causal_mode(), reduction, generator)
+
+
+def _barrier_and_margins(q, k, v, coupling, scale, key_padding_mask, options, causal, reduction,
+                         generator=None):
+    """barrier_and_margins with checked inputs and options; ``causal`` in the op's spelling.
+
+    The entry point of the integrations (their layer state holds the options).
+    """
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
+    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
+    eps = _checks.check_eps_for_dtype(options.eps, q.dtype)
+    if eps != options.eps:  # a SymFloat under torch.compile(dynamic=True)
+        options = options.replace(eps=eps)
     _checks.check_reduction(reduction)
-    margins = token_margins(
-        q, k, v, coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-        combine_heads=combine_heads, backend=backend,
+    scale = _checks.resolve_scale(scale, q.shape[-1])
+    valid = valid_positions(q.shape[0], q.shape[2], causal, key_padding_mask, q.device)
+    if not options.sampled:
+        op = _token_margins_impl if _under_grad_transform() else _ops.token_margins.default
+        margins = op(q, k, v, coupling, scale, causal, key_padding_mask, options.combine_heads,
+                     options.backend)
+        return _reduce_barrier(margins, valid, options, reduction), margins
+    _check_generator(generator, q.device)
+    _checks.check_causal_mode(causal)
+    rows = sample_query_positions(valid, options.query_fraction, generator)
+    kappa, valid_rows, valid = _kappa_and_validity(
+        q, k, v, coupling, scale, causal, key_padding_mask, options.backend, rows
     )
-    valid = valid_positions(
-        q.shape[0], q.shape[2], _checks.check_causal(causal), key_padding_mask, q.device
-    )
-    return _reduce_barrier(margins, valid, eps, target_margin, reduction), margins
+    row_margins = _margins(kappa, options.combine_heads)
+    loss = _reduce_barrier(row_margins, valid_rows, options, reduction, rows, valid)
+    # Undrawn valid positions read NaN (no value), invalid ones 1.0 (as token_margins).
+    zeros = row_margins.new_zeros(row_margins.shape[:-1] + valid.shape[-1:])
+    drawn_rows = _per_head(valid_rows, row_margins)
+    values = _scatter_rows(torch.where(drawn_rows, row_margins, torch.zeros_like(row_margins)),
+                           rows, valid_rows, zeros)
+    drawn = _scatter_rows(drawn_rows.to(zeros.dtype), rows, valid_rows, zeros) > 0
+    undrawn = torch.where(_per_head(valid, zeros), math.nan, 1.0).to(zeros.dtype)
+    margins = torch.where(drawn, values, undrawn)
+    return loss, margins
 
 
 def support_token_argmin(

@@ -302,8 +302,8 @@ def test_hf_layers_selection_and_generation(monkeypatch):
     handle = barrier_ops.attach(model, 0.3, layers=["transformer.h.1.attn"])
     assert handle.layer_names == ["transformer.h.1.attn"]
     computed = []  # the q shape of every barrier the op computes
-    compute = barrier_ops.integrations._core.barrier_and_margins
-    monkeypatch.setattr(barrier_ops.integrations._core, "barrier_and_margins",
+    compute = barrier_ops.integrations._core._barrier_and_margins
+    monkeypatch.setattr(barrier_ops.integrations._core, "_barrier_and_margins",
                         lambda q, *a, **kw: computed.append(tuple(q.shape)) or compute(q, *a, **kw))
     out = model(input_ids=idx, attention_mask=mask, labels=labels)
     # Only layer 1 is computed and logged, and the term is its reference barrier alone.

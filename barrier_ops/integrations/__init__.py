@@ -84,6 +84,7 @@ def attach(
     backend: str = "auto",
     track_stats: bool = True,
     term_in_eval: bool = False,
+    query_fraction: float = 1.0,
 ) -> BarrierHandle:
     """Add ``weight * mean_over_layers(margin barrier)`` to the loss ``model`` returns.
 
@@ -132,6 +133,13 @@ def attach(
             ``handle.stats`` (a few small reductions per layer).
         term_in_eval: also add the term to the loss of eval-mode forwards
             (the behaviour before 0.2; biases validation losses by the term).
+        query_fraction: f in (0, 1]: each layer's barrier on every forward
+            computes a random ``ceil(f * n)`` of the ``n`` valid query rows of
+            each sequence (the same rows for all heads of the layer, drawn
+            independently for each layer and forward from torch's global
+            generator) and adds the unbiased estimate of the full barrier, at
+            about f of its O(T^2) cost (docs/sampling.md). ``handle.stats``
+            then describes the drawn rows. 1 (default) computes every row.
 
     Loss normalisation: when the forward receives ``num_items_in_batch`` (as
     ``transformers.Trainer`` passes it), each layer's barrier is the *sum* over
@@ -148,8 +156,9 @@ def attach(
             (or, with ``coupling="weights"``, projections it cannot read).
         TypeError: an option of the wrong type.
     """
-    weight, eps, target_margin = check_options(
-        weight, coupling, combine_heads, eps, target_margin, causal, backend, term_in_eval
+    weight, options = check_options(
+        weight, coupling, combine_heads, eps, target_margin, causal, backend, term_in_eval,
+        query_fraction,
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,8 +172,7 @@ def attach(
         if chargpt.is_chargpt_model(model):
             kind = "chargpt"
     handle = BarrierHandle(
-        model, weight=weight, coupling=coupling, combine_heads=combine_heads, eps=eps,
-        target_margin=target_margin, causal=causal, backend=backend,
+        model, weight=weight, coupling=coupling, options=options,
         track_stats=bool(track_stats), kind=kind, term_in_eval=term_in_eval,
     )
     if kind == "hf":

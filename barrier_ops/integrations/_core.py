@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _checks
-from ..backends import BACKEND_NAMES
-from ..ops import barrier_and_margins, support_token_argmin, valid_positions
+from ..ops import _barrier_and_margins, support_token_argmin, valid_positions
+from ..options import BarrierOptions
 
 COUPLINGS = ("identity", "weights")
 HANDLE_ATTR = "_barrier_ops_handle"
@@ -76,8 +76,8 @@ class LayerStats:
 
     name: str
     barrier: torch.Tensor  # the layer's penalty as added (mean or sum, see BarrierHandle)
-    margin_mean: torch.Tensor  # mean margin over valid positions
-    margin_min: torch.Tensor  # smallest margin over valid positions
+    margin_mean: torch.Tensor  # mean margin over valid positions (the drawn rows with query_fraction < 1)
+    margin_min: torch.Tensor  # smallest margin over valid positions (the drawn rows with query_fraction < 1)
     support_index: torch.Tensor  # [B] or [B, H]: position of the smallest margin (-1: none)
     support_margin: torch.Tensor  # the margins there
 
@@ -258,8 +258,10 @@ class BarrierHandle:
     """The result of :func:`barrier_ops.attach`; also reachable as ``barrier_ops.get_handle(model)``.
 
     Attributes:
-        weight, coupling, combine_heads, eps, target_margin, causal, backend,
-        term_in_eval, layer_names: the options in use.
+        options: the :class:`barrier_ops.options.BarrierOptions` in use (eps,
+            target_margin, causal, backend, combine_heads, query_fraction; each
+            also readable and settable as an attribute of the handle).
+        weight, coupling, term_in_eval, layer_names: the other options in use.
         stats: :class:`BarrierStats` of the most recent forward (detached).
         enabled: set to False to skip the penalty (and its cost) temporarily.
 
@@ -273,23 +275,17 @@ class BarrierHandle:
         *,
         weight: float,
         coupling: str,
-        combine_heads: bool,
-        eps: float,
+        options: BarrierOptions,
         track_stats: bool,
         kind: str,
-        target_margin: Optional[float] = None,
-        causal: Optional[Union[bool, str]] = None,
-        backend: str = "auto",
         term_in_eval: bool = False,
     ):
         self.model = model
         self.weight = weight
         self.coupling = coupling
-        self.combine_heads = combine_heads
-        self.eps = eps
-        self.target_margin = target_margin
-        self.causal = causal  # None: each layer's own
-        self.backend = backend
+        # eps, target_margin, causal (None: each layer's own), backend, combine_heads,
+        # query_fraction: one validated value, read where each is used.
+        self.options = options
         self.term_in_eval = term_in_eval
         self.track_stats = track_stats
         self.kind = kind
@@ -300,6 +296,23 @@ class BarrierHandle:
         self._state = _ThreadState()
         self._last_num_items: Optional[Union[int, torch.Tensor]] = None
         self._undo: List[Callable[[], None]] = []
+
+    # The options as attributes (setting one validates and replaces ``options``).
+    eps = property(lambda self: self.options.eps,
+                   lambda self, value: self._set_option(eps=value))
+    target_margin = property(lambda self: self.options.target_margin,
+                             lambda self, value: self._set_option(target_margin=value))
+    causal = property(lambda self: self.options.causal,
+                      lambda self, value: self._set_option(causal=value))
+    backend = property(lambda self: self.options.backend,
+                       lambda self, value: self._set_option(backend=value))
+    combine_heads = property(lambda self: self.options.combine_heads,
+                             lambda self, value: self._set_option(combine_heads=value))
+    query_fraction = property(lambda self: self.options.query_fraction,
+                              lambda self, value: self._set_option(query_fraction=value))
+
+    def _set_option(self, **change) -> None:
+        self.options = self.options.replace(**change)
 
     # -- copies: deepcopy / pickle give an independent handle ---------------------
 
@@ -419,13 +432,10 @@ class BarrierHandle:
         # began last, so the recomputation runs the same op.
         num_items = state.num_items if state.collecting else self._last_num_items
         reduction = "mean" if num_items is None else "sum"
-        if self.causal is not None:
-            causal = self.causal
-        barrier, margins = barrier_and_margins(
-            q, k, v,
-            coupling=coupling, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-            combine_heads=self.combine_heads, eps=self.eps, target_margin=self.target_margin,
-            reduction=reduction, backend=self.backend,
+        options = self.options
+        causal_mode = options.causal_mode(causal)
+        barrier, margins = _barrier_and_margins(
+            q, k, v, coupling, scale, key_padding_mask, options, causal_mode, reduction,
         )
         # Recomputation under activation checkpointing calls the layer again after
         # the hook has run (in the backward, possibly on autograd's own thread): the
@@ -441,7 +451,8 @@ class BarrierHandle:
         state.penalties.append(barrier)
         if self.track_stats:
             shown = barrier.detach() if num_items is None else barrier.detach() / num_items
-            state.layer_stats.append(_layer_stats(layer.name, shown, margins, key_padding_mask, causal))
+            state.layer_stats.append(
+                _layer_stats(layer.name, shown, margins, key_padding_mask, causal_mode, options.sampled))
 
     def _finish(self, module: torch.nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
         """Close the window; return (whether a barrier was computed, the tensor to add to the loss or None).
@@ -533,11 +544,12 @@ class BarrierHandle:
             self._undo.pop()()
 
     def __repr__(self) -> str:
+        o = self.options
         return (
             f"BarrierHandle(kind={self.kind!r}, weight={self.weight}, coupling={self.coupling!r}, "
-            f"combine_heads={self.combine_heads}, eps={self.eps}, target_margin={self.target_margin}, "
-            f"causal={self.causal}, backend={self.backend!r}, term_in_eval={self.term_in_eval}, "
-            f"layers={len(self.layer_names)})"
+            f"combine_heads={o.combine_heads}, eps={o.eps}, target_margin={o.target_margin}, "
+            f"causal={o.causal}, backend={o.backend!r}, query_fraction={o.query_fraction}, "
+            f"term_in_eval={self.term_in_eval}, layers={len(self.layer_names)})"
         )
 
 
@@ -552,12 +564,14 @@ def _distinct_names(layer_stats: List[LayerStats]) -> List[LayerStats]:
     return layer_stats
 
 
-def _layer_stats(name, barrier, margins, key_padding_mask, causal) -> LayerStats:
+def _layer_stats(name, barrier, margins, key_padding_mask, causal_mode, sampled=False) -> LayerStats:
+    """Statistics over the valid positions; with sampled rows, over the drawn ones (margins NaN elsewhere)."""
     m = margins.detach()
-    positions = valid_positions(
-        m.shape[0], m.shape[-1], _checks.check_causal(causal), key_padding_mask, m.device
-    )
+    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
+    positions = valid_positions(m.shape[0], m.shape[-1], causal_mode, key_padding_mask, m.device)
     valid = positions if m.dim() == 2 else positions.unsqueeze(1).expand_as(m)
+    if sampled:
+        valid = valid & ~torch.isnan(m)
     count = valid.sum().clamp(min=1).to(m.dtype)
     mean = torch.where(valid, m, torch.zeros_like(m)).sum() / count
     low = torch.where(valid, m, torch.full_like(m, math.inf)).amin()
@@ -567,21 +581,18 @@ def _layer_stats(name, barrier, margins, key_padding_mask, causal) -> LayerStats
 
 
 def check_options(weight, coupling, combine_heads, eps, target_margin=None, causal=None,
-                  backend="auto", term_in_eval=False) -> Tuple[float, float, Optional[float]]:
-    """Validated (weight, eps, target_margin) of attach; raises on any bad option."""
+                  backend="auto", term_in_eval=False, query_fraction=1.0) -> Tuple[float, BarrierOptions]:
+    """Validated (weight, options) of attach; raises on any bad option."""
     weight = _checks.check_weight(weight)
     if not isinstance(term_in_eval, bool):
         raise TypeError(f"term_in_eval must be a bool, got {type(term_in_eval).__name__}")
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be 'identity' or 'weights', got {coupling!r}")
-    if not isinstance(combine_heads, bool):
-        raise TypeError(f"combine_heads must be a bool, got {type(combine_heads).__name__}")
-    eps = _checks.check_eps(eps)
-    if causal is not None:
-        _checks.check_causal(causal)
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    return weight, eps, _checks.check_target_margin(target_margin, eps)
+    options = BarrierOptions(
+        eps=eps, target_margin=target_margin, causal=causal, backend=backend,
+        combine_heads=combine_heads, query_fraction=query_fraction,
+    )
+    return weight, options
 
 
 def select_layers(candidates: Sequence[tuple], layers) -> List[tuple]:
