@@ -38,6 +38,9 @@ class BarrierConfig:
     combine_heads: bool = True  # layer margin 1 - sum_h kappa_h (trace of the layer's diagonal block)
     eps: float = 0.01
     target_margin: Optional[float] = None  # None: the paper's barrier -log m; m0 > eps: the hinge psi_m0 (docs/math.md)
+    # Share f of the query rows drawn per layer and training step (docs/sampling.md); 1 = every row.
+    # Training only: evaluation measures every token's margin.
+    query_fraction: float = 1.0
 
     def __post_init__(self):
         self.coupling = COUPLING_ALIASES.get(self.coupling, self.coupling)
@@ -203,6 +206,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (b.eps > 0, "barrier.eps must be > 0"),
         (b.target_margin is None or b.target_margin > b.eps,
          f"barrier.target_margin must be null (the paper's barrier) or > barrier.eps, got {b.target_margin}"),
+        (isinstance(b.query_fraction, (int, float)) and not isinstance(b.query_fraction, bool)
+         and 0 < b.query_fraction <= 1,
+         f"barrier.query_fraction must be a number in (0, 1], got {b.query_fraction!r}"),
         (all(r > 0 for r in e.rel_sigmas), "eval.rel_sigmas must be > 0"),
         (all(0 < p < 1 for p in e.sub_rates), f"eval.sub_rates must be in (0, 1), got {e.sub_rates}"),
         (all(g.lambdas and all(lam >= 0 for lam in g.lambdas) for g in cfg.sweep.grid),

@@ -158,7 +158,7 @@ def attach_barrier(model: CharGPT, barrier: BarrierConfig, lam: float) -> "barri
     """
     handle = barrier_ops.attach(
         model, weight=lam, coupling=barrier.coupling, combine_heads=barrier.combine_heads, eps=barrier.eps,
-        target_margin=barrier.target_margin, causal=True,
+        target_margin=barrier.target_margin, causal=True, query_fraction=barrier.query_fraction,
     )
     handle.enabled = lam > 0
     return handle
@@ -166,16 +166,21 @@ def attach_barrier(model: CharGPT, barrier: BarrierConfig, lam: float) -> "barri
 
 @contextlib.contextmanager
 def measuring(model: nn.Module, margins: bool = True):
-    """Enable the attached barrier (and keep every token's margin) inside the block; restores the handle."""
+    """Enable the attached barrier (and keep every token's margin) inside the block; restores the handle.
+
+    Measurements are exact: a barrier attached with ``query_fraction < 1`` computes
+    every query row inside the block.
+    """
     handle = barrier_ops.get_handle(model)
     if handle is None:
         raise ValueError("the model has no barrier attached (experiments.model.attach_barrier)")
-    enabled, keep = handle.enabled, handle.keep_margins
+    enabled, keep, options = handle.enabled, handle.keep_margins, handle.options
     handle.enabled, handle.keep_margins = True, margins
+    handle.options = options.replace(query_fraction=1.0)
     try:
         yield handle
     finally:
-        handle.enabled, handle.keep_margins = enabled, keep
+        handle.enabled, handle.keep_margins, handle.options = enabled, keep, options
 
 
 @contextlib.contextmanager

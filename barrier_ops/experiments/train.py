@@ -173,6 +173,7 @@ def _train(cfg: ExperimentConfig, out_dir: str, progress: bool, device: torch.de
         "eval_seconds": time.time() - start - train_seconds,
         "train_chars": data.train.numel(), "vocab_size": data.vocab.size,
         "coupling": cfg.barrier.coupling, "combine_heads": cfg.barrier.combine_heads,
+        "query_fraction": cfg.barrier.query_fraction,
     })
     tmp = os.path.join(out_dir, "summary.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--query-fraction", dest="query_fraction", type=float, default=None,
+                   help="share f in (0, 1] of query rows the barrier draws per layer and step "
+                        "(barrier.query_fraction; docs/sampling.md)")
     p.add_argument("--out", default=None, help="output dir (default runs/<name>/lam<lambda>_seed<seed>)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set barrier.coupling=identity (YAML value)")
@@ -240,7 +244,8 @@ def parse_sets(sets) -> dict:
 
 def overrides_from_args(args) -> dict:
     return {**parse_sets(args.sets), "data.path": args.data, "train.lambda": args.lam, "train.seed": args.seed,
-            "train.steps": args.steps, "train.device": args.device}
+            "train.steps": args.steps, "train.device": args.device,
+            "barrier.query_fraction": getattr(args, "query_fraction", None)}
 
 
 def run_dir_name(lam: float, seed: int, target_margin: Optional[float] = None) -> str:
