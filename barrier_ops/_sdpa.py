@@ -52,12 +52,29 @@ Five details make it exact and robust:
   its way into SDPA's backward. For float16, a pair of autograd functions
   rescales dO by a power of two (from its own maximum) before the cast, and
   undoes it on the float32 side of the inputs.
+
+Row sets (query_positions, the sampled barrier): q holds R gathered query
+rows and causality compares a key's index with each row's position, which no
+is_causal flag expresses; an explicit bool mask [B, 1, R, T] does (key padding
+folded in, so no extra logit column), at O(R T) memory: the fused kernels take
+masks (the CPU flash kernel, and the memory-efficient and cuDNN kernels on
+CUDA; FlashAttention takes none). Centring, the outlier split, the scaling and
+the hi/lo keys act on the keys, so they serve a row set unchanged.
+
+Value split (SDPA_VALUE_SPLIT): V' is 2d + 6 wide, wider than q' (d, or 2d
+for 16-bit hi/lo keys), so on CUDA it reaches neither FlashAttention (equal
+widths) nor cuDNN (widths <= 128 in training) and runs the memory-efficient
+kernel's generic path. "equal" and "narrow" cut V' into column parts that fit
+those kernels, one SDPA call per part (each recomputes the logits; the weights
+and outputs are those of one call, so kappa is the same). The default "auto"
+is "whole" on every device until a GPU run measures the split faster.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,22 +99,92 @@ def value_width(d: int, outliers: int = OUTLIERS) -> int:
     return 2 * d + 1 + outliers + 1
 
 
-def value_layout(device: torch.device, d: int, masked: bool,
-                 outliers: int = OUTLIERS, split_keys: bool = False) -> Tuple[int, int]:
-    """(width of q' and k', width of V') for the SDPA call.
+# How V' reaches SDPA ("Value split" in the module docstring). "auto" picks
+# from AUTO_VALUE_SPLIT by device type ("whole" for devices not listed). Read at
+# every call, so a benchmark can switch it; the environment variable sets the
+# starting value.
+VALUE_SPLITS = ("whole", "equal", "narrow")
+SDPA_VALUE_SPLIT: str = os.environ.get("BARRIER_OPS_SDPA_VALUE_SPLIT", "auto")
+# Nothing of the split has been timed on a GPU yet: "whole" (one SDPA call, as
+# before the split existed) until benchmarks/gpu_check.py measures otherwise.
+# On CPU "whole" is also the cheapest: the CPU flash kernel wants q, k and V'
+# of one width, so every part of a split pays a full QK^T.
+AUTO_VALUE_SPLIT: Dict[str, str] = {"cpu": "whole", "cuda": "whole"}
+# cuDNN's head-dim limit in training (d_qk, d_v <= 128; 256 only with new cuDNN
+# on sm90/sm100 and then d_qk == d_v == 256), and the widest value the
+# memory-efficient kernel runs without its generic (kMaxK = 65536) path.
+NARROW_WIDTH = 128
 
-    PyTorch's CPU flash kernel (and FlashAttention on CUDA) want q, k and v of
-    one width; with V' wider than q, SDPA silently takes its math path, which
-    materialises T x T. So on every device but CUDA, q and k are padded with
-    zero columns (no logit changes) to V''s width. On CUDA the
-    memory-efficient and cuDNN kernels take a wider V' as it is; widths there
-    are multiples of 8, which their alignment rules want.
+
+def value_split(device: torch.device) -> str:
+    """The split mode in force for a tensor on ``device`` ("whole", "equal" or "narrow")."""
+    mode = SDPA_VALUE_SPLIT
+    if mode == "auto":
+        mode = AUTO_VALUE_SPLIT.get(device.type, "whole")
+    if mode not in VALUE_SPLITS:
+        raise ValueError(
+            "barrier_ops._sdpa.SDPA_VALUE_SPLIT (environment variable BARRIER_OPS_SDPA_VALUE_SPLIT) "
+            f"must be one of {('auto',) + VALUE_SPLITS}, got {mode!r}")
+    return mode
+
+
+def value_parts(device_type: str, qk: int, v: int,
+                split: str = "whole") -> Tuple[int, Tuple[Tuple[int, int, int], ...]]:
+    """(width of q' and k', ((first column, end column, padded width) of each V' part)).
+
+    qk: the columns q' and k' carry before padding; v: V''s columns. One SDPA
+    call per part, each on the same q' and k' (so each recomputes the logits
+    and the softmax; the weights, hence the outputs, are those of one call).
+
+    * "whole": one part. PyTorch's CPU flash kernel (and FlashAttention on
+      CUDA) want q, k and v of one width; with V' wider than q, SDPA silently
+      takes its math path, which materialises T x T. So on every device but
+      CUDA, q' and k' are padded with zero columns (no logit changes) to V''s
+      width. On CUDA the memory-efficient and cuDNN kernels take a wider V'
+      as it is; widths there are multiples of 8, which their alignment rules
+      want.
+    * "equal": parts as wide as q' (FlashAttention's rule on CUDA: q, k and v
+      of one width <= 256, 16-bit, no explicit mask; the CPU flash kernel's).
+    * "narrow": parts at most NARROW_WIDTH wide (cuDNN's d_v <= 128 in
+      training; the memory-efficient kernel's fast path for widths <= 128).
+      On devices but CUDA each part and q' take the same width (the CPU flash
+      kernel's rule): max(qk, min(v, NARROW_WIDTH)).
+    """
+    if split not in VALUE_SPLITS:
+        raise ValueError(f"split must be one of {VALUE_SPLITS}, got {split!r}")
+    cuda = device_type == "cuda"
+    if split == "whole":
+        if cuda:
+            return _round_up(qk, 8), ((0, v, _round_up(v, 8)),)
+        width = max(qk, v)
+        return width, ((0, v, width),)
+    qk_width = _round_up(qk, 8) if cuda else qk
+    step = qk_width
+    if split == "narrow":
+        step = NARROW_WIDTH if cuda else max(qk, min(v, NARROW_WIDTH))
+        qk_width = qk_width if cuda else step
+    parts = []
+    for first in range(0, v, step):
+        end = min(first + step, v)
+        width = _round_up(end - first, 8) if cuda and split == "narrow" else qk_width
+        parts.append((first, end, width))
+    return qk_width, tuple(parts)
+
+
+def value_layout(device: torch.device, d: int, masked: bool,
+                 outliers: int = OUTLIERS, split_keys: bool = False,
+                 split: str = "whole") -> Tuple[int, Tuple[int, ...]]:
+    """(width of q' and k', width of V') for the one SDPA call of the "whole" split.
+
+    With ``split`` other than "whole", the second item is the tuple of the
+    parts' widths instead (see :func:`value_parts`). masked: key padding by the
+    extra logit column (no row set); split_keys: the 16-bit hi/lo keys.
     """
     qk, v = (2 * d if split_keys else d) + int(masked), value_width(d, outliers)
-    if device.type == "cuda":
-        return _round_up(qk, 8), _round_up(v, 8)
-    width = max(qk, v)
-    return width, width
+    qk_width, parts = value_parts(device.type, qk, v, split)
+    if split == "whole":
+        return qk_width, parts[0][2]
+    return qk_width, tuple(width for _, _, width in parts)
 
 
 class _UnscaleInputGrads(torch.autograd.Function):
@@ -183,6 +270,29 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
         return torch.where(usable, torch.exp2(torch.ceil(torch.log2(peak))), torch.ones_like(peak))
 
 
+def _row_mask(positions: torch.Tensor, T: int, causal: str,
+              key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, 1, R, T] bool: key s is allowed for the row at positions[b, r] (-1: empty slot).
+
+    O(R T) memory, the only quadratic tensor of a row set. A row with no
+    allowed key (an empty slot, strict causality at position 0, only padded
+    keys) would give NaN in SDPA; it reads every key instead: a finite value
+    that the caller discards, and a zero gradient (its dO is zero).
+    """
+    keys = torch.arange(T, device=positions.device)
+    pos = positions[:, :, None]  # [B, R, 1]
+    filled = (pos >= 0) & (pos < T)  # outside [0, T): an empty slot, as the CUDA kernels read it
+    if causal == "inclusive":
+        allowed = (keys <= pos) & filled
+    elif causal == "strict":
+        allowed = (keys < pos) & filled
+    else:
+        allowed = filled.expand(-1, -1, T)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    return (allowed | ~allowed.any(-1, keepdim=True))[:, None]
+
+
 def _attention_form(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,18 +300,25 @@ def _attention_form(
     scale: float,
     is_causal: bool,
     key_mask: Optional[torch.Tensor],
+    row_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """kappa [B, H, T] for s <= t (is_causal) or all keys.
+    """kappa [B, H, R] for s <= t (is_causal), all keys, or the keys row_mask allows.
 
     k and w come as the layer has them (this backend centres them itself),
-    padded keys zeroed. See the module docstring for V', the outlier split
-    and the hi/lo keys.
+    padded keys zeroed. Without row_mask, R = T and row t is position t. With
+    row_mask ([B, 1, R, T] bool from :func:`_row_mask`, key padding folded in),
+    q holds R gathered rows. See the module docstring for V', the outlier
+    split, the hi/lo keys and the value split.
     """
-    B, H, T, d = q.shape
+    B, H, R, d = q.shape
+    T = k.shape[2]
     io = q.dtype  # SDPA runs in q's dtype; k and w may come in the accumulation dtype
     acc = _checks.margin_dtype(io)
-    if T == 0:  # strict causality with T = 1 leaves no query with a key
+    if row_mask is None and T == 0:  # strict causality with T = 1 leaves no query with a key
         return sum(t.to(acc).sum(-1) for t in (q, k, w))  # empty; zero gradients for all three
+    if row_mask is not None and (R == 0 or T == 0):
+        keys = (k.to(acc).sum((2, 3)) + w.to(acc).sum((2, 3)))[..., None]  # [B, H, 1]
+        return q.to(acc).sum(-1) + 0 * keys  # [B, H, R]; zero gradients for k and w
     n_out = min(OUTLIERS, T)
     k_acc, w_acc = k.to(acc), w.to(acc)
     index, rest, kc, wc = _split_outliers(k_acc, w_acc, key_mask, n_out)
@@ -221,13 +338,16 @@ def _attention_form(
     query, key = q, kc
     if rescale:
         query, key, value, token = _UnscaleInputGrads.apply(q.to(acc), kc, value)
-    masked = key_mask is not None
+    # Key padding by the extra logit column, unless a row set's mask holds it.
+    masked = key_mask is not None and row_mask is None
     # The logits come from the centred keys (so that SDPA's dq = c sum dS k
     # does not cancel a large mean). In 16 bits each key is split into
     # hi + lo (q' = [q | q], k' = [hi | lo]): rounded once, an outlier's
     # centred key (offset ~40) would move its logits by ~40 * 2^-9 * |q|.
     split = io in (torch.float16, torch.bfloat16)
-    qk_width, v_width = value_layout(q.device, d, masked, n_out, split)
+    v_cols = value_width(d, n_out)
+    qk_width, parts = value_parts(q.device.type, (2 * d if split else d) + int(masked), v_cols,
+                                  value_split(q.device))
     if split:
         hi = key.to(io)
         query, key = torch.cat([query, query], dim=-1), torch.cat([hi, key - hi.to(acc)], dim=-1)
@@ -235,20 +355,26 @@ def _attention_form(
     if masked:
         big = math.sqrt(_PADDED_LOGIT.get(io, _PADDED_LOGIT_DEFAULT) / scale)
         padded = (~key_mask)[:, None, :, None].expand(B, H, T, 1)
-        query = torch.cat([query, query.new_full((B, H, T, 1), big)], dim=-1)
+        query = torch.cat([query, query.new_full((B, H, R, 1), big)], dim=-1)
         key = torch.cat([key, padded.to(io) * -big], dim=-1)
     query = F.pad(query, (0, qk_width - query.shape[-1]))
     key = F.pad(key, (0, qk_width - key.shape[-1]))
-    value = F.pad(value, (0, v_width - value.shape[-1]))
 
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
-    out = out[..., : value_width(d, n_out)].to(acc)
+    # One SDPA call per part of V' (one part unless split): same logits, same
+    # weights, so the parts' outputs are columns of the one attention.
+    outs = []
+    for first, end, width in parts:
+        part = F.pad(value[..., first:end], (0, width - (end - first)))
+        attended = F.scaled_dot_product_attention(query, key, part, attn_mask=row_mask,
+                                                  is_causal=is_causal, scale=scale)
+        outs.append(attended[..., : end - first])
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(acc)
     if rescale:
         out = _ScaleOutputGrad.apply(out, token)
-    sum_k = out[..., :d] * s_k  # sum over the rest of alpha (k - mu), [B, H, T, d]
+    sum_k = out[..., :d] * s_k  # sum over the rest of alpha (k - mu), [B, H, R, d]
     sum_w = out[..., d : 2 * d] * s_w
-    sum_g = out[..., 2 * d] * (s_k * s_w)[..., 0]  # [B, H, T]
-    p = out[..., 2 * d + 1 : 2 * d + 1 + n_out]  # each outlier's weight, [B, H, T, n]
+    sum_g = out[..., 2 * d] * (s_k * s_w)[..., 0]  # [B, H, R]
+    p = out[..., 2 * d + 1 : 2 * d + 1 + n_out]  # each outlier's weight, [B, H, R, n]
     p_rest = out[..., 2 * d + 1 + n_out]  # the rest's total weight
     # The outliers' centred k and w, exact (float32/64): [B, H, n, d].
     gather = index[..., None].expand(B, H, n_out, d)
@@ -274,11 +400,17 @@ def _kappa_sdpa(
     scale: float,
     causal: str,
     key_padding_mask: Optional[torch.Tensor],
+    query_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """kappa [B, H, T] through SDPA; q, k, w one slice per query head, padding zeroed.
+    """kappa [B, H, R] through SDPA; q, k, w one slice per query head, padding zeroed.
 
-    Values at invalid positions are arbitrary (finite); the caller masks them.
+    Values at invalid rows are arbitrary (finite); the caller masks them.
     """
+    if query_positions is not None:
+        # Causality by each row's position: an explicit [B, 1, R, T] mask
+        # (O(R T), with the key padding in it) instead of is_causal.
+        row_mask = _row_mask(query_positions, k.shape[2], causal, key_padding_mask)
+        return _attention_form(q, k, w, scale, False, key_padding_mask, row_mask)
     if causal != "strict":
         return _attention_form(q, k, w, scale, causal == "inclusive", key_padding_mask)
     # s < t: query t against keys 0..t-1 is the inclusive problem of q[1:] against k[:-1].
@@ -287,12 +419,17 @@ def _kappa_sdpa(
     return F.pad(rest, (1, 0))
 
 
-def kappa_sdpa(q, k, w, scale, causal, key_padding_mask):
-    """kappa [B, H, T] through SDPA; q, k, w one slice per query head, padding zeroed, uncentred.
+def kappa_sdpa(q, k, w, scale, causal, key_padding_mask, query_positions=None):
+    """kappa [B, H, R] through SDPA; q, k, w one slice per query head, padding zeroed, uncentred.
 
-    Values at invalid positions are arbitrary (finite); the caller masks them.
+    query_positions: None (R = T, row t is position t) or int64 [B, R], the
+    position in [0, T) of each row of q (gathered by the caller), -1 for an
+    empty slot. Causality compares a key's index with the row's position; a
+    row set costs O(R T d) work and an O(R T) bool mask. Values at invalid rows
+    (empty slot, padded position, no allowed key) are arbitrary but finite;
+    the caller masks them.
     """
-    return _kappa_sdpa(q, k, w, scale, causal, key_padding_mask)
+    return _kappa_sdpa(q, k, w, scale, causal, key_padding_mask, query_positions)
 
 
 # The caller passes k and w as they are: the centring on the rest's mean
