@@ -4,6 +4,13 @@ The schema and the fused CPU/CUDA kernels live in C++ (csrc/); this module
 registers the fake (meta) kernels and the autograd formula. kappa's lse and
 stats outputs are saved state for the fused backward, not results: they are
 non-differentiable.
+
+Row sets. Both ops take an optional ``query_positions`` (int64 [B, R]; entry
+[b, r] a position in [0, T) or -1 for an empty slot). q then holds the R
+gathered query rows [B, H, R, d] while k and w keep all T keys; kappa, lse,
+stats and dq have R rows, dk and dw T. Causality and the padding mask apply to
+a row through its position; an empty slot is no query (kappa 0, no gradient).
+The work is O(R T d) instead of O(T^2 d).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ _ops = torch.ops.barrier_ops
 
 
 @torch.library.register_fake("barrier_ops::kappa")
-def _kappa_fake(q, k, w, scale, causal, key_padding_mask):
-    B, H, T, d = q.shape
+def _kappa_fake(q, k, w, scale, causal, key_padding_mask, query_positions=None):
+    B, H, T, d = q.shape  # T = R, the query rows, with a row set
     acc = _checks.margin_dtype(q.dtype)
     return (
         q.new_empty((B, H, T), dtype=acc),
@@ -30,15 +37,18 @@ def _kappa_fake(q, k, w, scale, causal, key_padding_mask):
 
 
 @torch.library.register_fake("barrier_ops::kappa_backward")
-def _kappa_backward_fake(grad_kappa, q, k, w, scale, causal, key_padding_mask, kappa, lse, stats):
+def _kappa_backward_fake(
+    grad_kappa, q, k, w, scale, causal, key_padding_mask, kappa, lse, stats, query_positions=None
+):
     # The kernels return contiguous gradients in the inputs' dtypes.
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, w))
 
 
 def _kappa_setup(ctx, inputs, output):
-    q, k, w, scale, causal, key_padding_mask = inputs
+    q, k, w, scale, causal, key_padding_mask, *rest = inputs
+    query_positions = rest[0] if rest else None
     kappa, lse, stats = output
-    ctx.save_for_backward(q, k, w, key_padding_mask, kappa, lse, stats)
+    ctx.save_for_backward(q, k, w, key_padding_mask, kappa, lse, stats, query_positions)
     ctx.scale = scale
     ctx.causal = causal
     ctx.mark_non_differentiable(lse, stats)
@@ -81,19 +91,20 @@ def _once_differentiable(grads, inputs):
 
 def _kappa_grads(saved, scale, causal, grad_kappa):
     # Read once: non-reentrant activation checkpointing allows one read per backward.
-    q, k, w, key_padding_mask, kappa, lse, stats = saved
+    q, k, w, key_padding_mask, kappa, lse, stats, query_positions = saved
     with torch.no_grad():
         grads = _ops.kappa_backward.default(
-            grad_kappa.contiguous(), q, k, w, scale, causal, key_padding_mask, kappa, lse, stats
+            grad_kappa.contiguous(), q, k, w, scale, causal, key_padding_mask, kappa, lse, stats,
+            query_positions,
         )
     return _once_differentiable(grads, (grad_kappa, q, k, w))
 
 
 def _kappa_backward(ctx, grad_kappa, grad_lse, grad_stats):
     if grad_kappa is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dq, dk, dw = _kappa_grads(ctx.saved_tensors, ctx.scale, ctx.causal, grad_kappa)
-    return dq, dk, dw, None, None, None
+    return dq, dk, dw, None, None, None, None
 
 
 torch.library.register_autograd("barrier_ops::kappa", _kappa_backward, setup_context=_kappa_setup)
@@ -111,8 +122,8 @@ class _KappaFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, w, scale, causal, key_padding_mask):
-        return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask)
+    def forward(q, k, w, scale, causal, key_padding_mask, query_positions=None):
+        return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask, query_positions)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -154,8 +165,13 @@ def kappa_fused(
     scale: float,
     causal: str,
     key_padding_mask: Optional[torch.Tensor],
+    query_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """kappa [B, H, T] from the fused kernels; q, k, w one slice per query head.
+    """kappa [B, H, R] from the fused kernels; q, k, w one slice per query head.
+
+    Without ``query_positions`` R = T. With it (int64 [B, R], positions in
+    [0, T) or -1 for an empty slot), q is [B, H, R, d], the queries already
+    gathered at those positions, and k, w stay [B, H, T, d].
 
     k and w may come in the accumulation dtype (centred by the caller). The CPU
     kernels compute in it anyway, so they get all three in it (no rounding of
@@ -164,5 +180,5 @@ def kappa_fused(
     dtype = q.dtype if q.device.type == "cuda" else k.dtype
     q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
     if _under_grad_transform():
-        return _KappaFunction.apply(q, k, w, scale, causal, key_padding_mask)[0]
-    return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask)[0]
+        return _KappaFunction.apply(q, k, w, scale, causal, key_padding_mask, query_positions)[0]
+    return _ops.kappa.default(q, k, w, scale, causal, key_padding_mask, query_positions)[0]

@@ -49,29 +49,57 @@ inline int64_t causal_key_end(CausalMode mode, int64_t t, int64_t T) {
 }
 
 // One kappa problem, the params struct shared by every core.
-//   q, k, w: [B, H, T, d], one floating dtype, one device (k and w already one
-//            slice per query head; w = A_h v is already coupled)
+//   k, w: [B, H, T, d], one floating dtype, one device (one slice per query
+//         head; w = A_h v is already coupled)
+//   q:    [B, H, R, d]: query row r of sequence b is the query at position
+//         row_position(b, r); without a row set R = T and row r is position r
 //   key_padding_mask: bool [B, T] (True = real token) or undefined
+//   query_positions:  int64 [B, R] or undefined (no row set). Entry [b, r] is
+//         a position in [0, T), or anything else (-1 by convention) for an
+//         empty slot: no query, kappa 0, lse -inf, stats 0, no gradient. Any
+//         order and repeats are allowed; the cores are fastest when each row
+//         is ascending (a query block's keys end at its largest position).
+//         Causality compares a key index with the row's position, and a row
+//         at a padded position is no query.
 struct KappaProblem {
   at::Tensor q, k, w;
   double scale;
   CausalMode causal;
   at::Tensor key_padding_mask;  // undefined when there is none
+  at::Tensor query_positions;   // undefined when there is no row set
 
   int64_t B() const { return q.size(0); }
   int64_t H() const { return q.size(1); }
-  int64_t T() const { return q.size(2); }
+  int64_t T() const { return k.size(2); }  // keys (and positions)
+  int64_t R() const { return q.size(2); }  // query rows (T without a row set)
   int64_t d() const { return q.size(3); }
+  bool has_row_set() const { return query_positions.defined(); }
   const bool* mask_ptr() const {
     return key_padding_mask.defined() ? key_padding_mask.const_data_ptr<bool>() : nullptr;
   }
+  // [B, R] positions, or nullptr without a row set (see row_position).
+  const int64_t* positions_ptr() const {
+    return query_positions.defined() ? query_positions.const_data_ptr<int64_t>() : nullptr;
+  }
+  // Position of query row r of sequence b (host tensors only): r without a row set.
+  int64_t row_position(int64_t b, int64_t r) const {
+    const int64_t* positions = positions_ptr();
+    return positions == nullptr ? r : positions[b * R() + r];
+  }
 };
+
+// The hot-loop form of KappaProblem::row_position: positions_row is the row
+// set of one sequence ([R]) or nullptr.
+inline int64_t row_position(const int64_t* positions_row, int64_t r) {
+  return positions_row == nullptr ? r : positions_row[r];
+}
 
 // The forward's results, all in the accumulation dtype (float32, or float64
 // for float64 inputs), contiguous:
-//   kappa [B, H, T]      0 at positions with no allowed key or a padded query
-//   lse   [B, H, T]      row log-sum-exp of the scaled logits, -inf there
-//   stats [B, H, T, 2d]  [kbar | wbar], 0 there
+//   kappa [B, H, R]      0 at rows with no allowed key, a padded position or
+//                        an empty slot
+//   lse   [B, H, R]      row log-sum-exp of the scaled logits, -inf there
+//   stats [B, H, R, 2d]  [kbar | wbar], 0 there
 // Validity is structural (a real query with a real allowed key), never read
 // from the results: at a valid position NaN/inf inputs give NaN (kappa, lse
 // or stats), so they reach the loss; the backward treats lse == -inf, and only
@@ -80,9 +108,9 @@ struct KappaState {
   at::Tensor kappa, lse, stats;
 };
 
-// The fused cores. The backward takes beta = dL/dkappa [B, H, T] in the
-// accumulation dtype and returns dq, dk, dw [B, H, T, d] in the accumulation
-// dtype.
+// The fused cores. The backward takes beta = dL/dkappa [B, H, R] in the
+// accumulation dtype and returns dq [B, H, R, d], dk, dw [B, H, T, d] in the
+// accumulation dtype.
 using KappaForwardFn = KappaState (*)(const KappaProblem& problem);
 using KappaBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const KappaProblem& problem, const at::Tensor& grad_kappa, const KappaState& state);
@@ -97,17 +125,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaPro
 // builds the problem (contiguous inputs) and calls the core.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_with(
     KappaForwardFn core, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-    double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask);
+    double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_positions);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_with(
     KappaBackwardFn core, const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& w, double scale, c10::string_view causal,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
-    const at::Tensor& lse, const at::Tensor& stats);
+    const at::Tensor& lse, const at::Tensor& stats,
+    const std::optional<at::Tensor>& query_positions);
 
 // Argument checks (TORCH_CHECK_VALUE / _TYPE, so Python sees ValueError /
 // TypeError naming the argument), csrc/checks.cpp.
 void check_kappa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-                        double scale, const std::optional<at::Tensor>& key_padding_mask);
+                        double scale, const std::optional<at::Tensor>& key_padding_mask,
+                        const std::optional<at::Tensor>& query_positions);
 void check_margins_and_mask(const at::Tensor& margins,
                             const std::optional<at::Tensor>& key_padding_mask);
 void check_saved_state(const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& kappa,

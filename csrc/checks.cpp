@@ -27,10 +27,37 @@ void check_mask(const std::optional<at::Tensor>& key_padding_mask, int64_t B, in
                     "'s device ", device, ", got ", mask.device());
 }
 
+// The row set: int64 [B, R] on q's device; on the CPU every value in [-1, T).
+// On CUDA the value check would cost a device sync, and the kernels treat any
+// value outside [0, T) as an empty slot instead, so a bad value cannot read
+// out of bounds there either.
+void check_query_positions(const std::optional<at::Tensor>& query_positions,
+                           const at::Tensor& q, int64_t T) {
+  if (!query_positions.has_value()) return;
+  const at::Tensor& positions = *query_positions;
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong,
+                   "query_positions must be an int64 tensor of query positions, got ",
+                   positions.scalar_type());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == q.size(0) &&
+                        positions.size(1) == q.size(2),
+                    "query_positions must have shape [B, R]=[", q.size(0), ", ", q.size(2),
+                    "] (R = q.size(2), the number of query rows), got ", positions.sizes());
+  TORCH_CHECK_VALUE(positions.device() == q.device(), "query_positions must be on q's device ",
+                    q.device(), ", got ", positions.device());
+  if (positions.device().is_cpu() && positions.numel() > 0) {
+    const auto [low, high] = at::aminmax(positions);
+    const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < T,
+                      "query_positions must hold positions in [0, T) or -1 for an empty slot "
+                      "(T=", T, "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
 }  // namespace
 
 void check_kappa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-                        double scale, const std::optional<at::Tensor>& key_padding_mask) {
+                        double scale, const std::optional<at::Tensor>& key_padding_mask,
+                        const std::optional<at::Tensor>& query_positions) {
   const std::pair<const char*, const at::Tensor*> named[] = {{"q", &q}, {"k", &k}, {"w", &w}};
   for (const auto& [name, t] : named) {
     TORCH_CHECK_VALUE(t->dim() == 4, name,
@@ -46,11 +73,21 @@ void check_kappa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
                     "q, k and w must be on one device, got q on ", q.device(), ", k on ",
                     k.device(), ", w on ", w.device());
   // kappa takes k and w per query head: grouped-query callers expand k first.
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && w.sizes() == q.sizes(),
-                    "q, k and w must have one shape [B, H, T, d] (k and w one slice per query "
-                    "head), got q ", q.sizes(), ", k ", k.sizes(), ", w ", w.sizes());
+  // With a row set q has R rows (the gathered queries) and k, w keep T.
+  if (!query_positions.has_value()) {
+    TORCH_CHECK_VALUE(k.sizes() == q.sizes() && w.sizes() == q.sizes(),
+                      "q, k and w must have one shape [B, H, T, d] (k and w one slice per query "
+                      "head), got q ", q.sizes(), ", k ", k.sizes(), ", w ", w.sizes());
+  } else {
+    TORCH_CHECK_VALUE(w.sizes() == k.sizes() && k.size(0) == q.size(0) &&
+                          k.size(1) == q.size(1) && k.size(3) == q.size(3),
+                      "with query_positions, q must be [B, H, R, d] and k, w one shape "
+                      "[B, H, T, d] (k and w one slice per query head), got q ",
+                      q.sizes(), ", k ", k.sizes(), ", w ", w.sizes());
+  }
   TORCH_CHECK_VALUE(q.size(3) >= 1, "the head dim d must be at least 1");
-  check_mask(key_padding_mask, q.size(0), q.size(2), q.device(), "q");
+  check_mask(key_padding_mask, k.size(0), k.size(2), q.device(), "q");
+  check_query_positions(query_positions, q, k.size(2));
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ",
                     scale);
 }
@@ -72,14 +109,15 @@ void check_saved_state(const at::Tensor& grad_kappa, const at::Tensor& q, const 
       {"grad_kappa", &grad_kappa}, {"kappa", &kappa}, {"lse", &lse}};
   for (const auto& [name, t] : per_token) {
     TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == B && t->size(1) == H && t->size(2) == T,
-                      name, " must have shape [B, H, T]=[", B, ", ", H, ", ", T, "], got ",
+                      name, " must have shape [B, H, R]=[", B, ", ", H, ", ", T,
+                      "] (R = q.size(2)), got ",
                       t->sizes());
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on q's device ", q.device(),
                       ", got ", t->device());
   }
   TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == B && stats.size(1) == H &&
                         stats.size(2) == T && stats.size(3) == 2 * d,
-                    "stats must have shape [B, H, T, 2d]=[", B, ", ", H, ", ", T, ", ", 2 * d,
+                    "stats must have shape [B, H, R, 2d]=[", B, ", ", H, ", ", T, ", ", 2 * d,
                     "], got ", stats.sizes());
   TORCH_CHECK_VALUE(stats.device() == q.device(), "stats must be on q's device ", q.device(),
                     ", got ", stats.device());

@@ -9,37 +9,45 @@ namespace {
 
 KappaProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                           double scale, c10::string_view causal,
-                          const std::optional<at::Tensor>& key_padding_mask) {
-  check_kappa_inputs(q, k, w, scale, key_padding_mask);
+                          const std::optional<at::Tensor>& key_padding_mask,
+                          const std::optional<at::Tensor>& query_positions) {
+  check_kappa_inputs(q, k, w, scale, key_padding_mask, query_positions);
   return KappaProblem{q.contiguous(),
                       k.contiguous(),
                       w.contiguous(),
                       scale,
                       parse_causal(causal),
                       key_padding_mask.has_value() ? key_padding_mask->contiguous()
-                                                   : at::Tensor()};
+                                                   : at::Tensor(),
+                      query_positions.has_value() ? query_positions->contiguous()
+                                                  : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale,
-    c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask) {
-  return kappa_with(&kappa_forward_cpu, q, k, w, scale, causal, key_padding_mask);
+    c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_positions) {
+  return kappa_with(&kappa_forward_cpu, q, k, w, scale, causal, key_padding_mask,
+                    query_positions);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu_op(
     const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
     double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats) {
+    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats,
+    const std::optional<at::Tensor>& query_positions) {
   return kappa_backward_with(&kappa_backward_cpu, grad_kappa, q, k, w, scale, causal,
-                             key_padding_mask, kappa, lse, stats);
+                             key_padding_mask, kappa, lse, stats, query_positions);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_with(
     KappaForwardFn core, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
-    double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask) {
-  const KappaProblem problem = make_problem(q, k, w, scale, causal, key_padding_mask);
+    double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_positions) {
+  const KappaProblem problem =
+      make_problem(q, k, w, scale, causal, key_padding_mask, query_positions);
   KappaState state = core(problem);
   return {state.kappa, state.lse, state.stats};
 }
@@ -48,8 +56,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_with(
     KappaBackwardFn core, const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& w, double scale, c10::string_view causal,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& kappa,
-    const at::Tensor& lse, const at::Tensor& stats) {
-  const KappaProblem problem = make_problem(q, k, w, scale, causal, key_padding_mask);
+    const at::Tensor& lse, const at::Tensor& stats,
+    const std::optional<at::Tensor>& query_positions) {
+  const KappaProblem problem =
+      make_problem(q, k, w, scale, causal, key_padding_mask, query_positions);
   check_saved_state(grad_kappa, q, kappa, lse, stats);
   const auto acc = accumulation_dtype(q.scalar_type());
   const KappaState state{kappa.contiguous(), lse.contiguous(), stats.contiguous()};

@@ -47,10 +47,41 @@ at::Tensor real_rows(const KappaProblem& problem) {
   return mask.defined() ? mask.view({problem.B(), 1, problem.T(), 1}) : at::Tensor();
 }
 
+// [B, 1, R, 1] bool: query row r is a query (a real position, not an empty
+// slot), or undefined when every row is one. Without a row set this is
+// real_rows.
+at::Tensor query_rows(const KappaProblem& problem) {
+  if (!problem.has_row_set()) return real_rows(problem);
+  const at::Tensor& positions = problem.query_positions;  // checked: values in [-1, T)
+  at::Tensor is_query = positions.ge(0);
+  if (problem.key_padding_mask.defined() && problem.T() > 0) {
+    is_query = is_query & problem.key_padding_mask.gather(1, positions.clamp_min(0));
+  }
+  return is_query.view({problem.B(), 1, problem.R(), 1});
+}
+
+// q in the accumulation dtype with the rows that are no query zeroed (a
+// padded position or an empty slot may hold anything, NaN included).
 at::Tensor queries_in(const KappaProblem& problem, at::ScalarType acc) {
   at::Tensor q = problem.q.to(acc);
-  const at::Tensor real = real_rows(problem);
+  const at::Tensor real = query_rows(problem);
   return (real.defined() ? at::where(real, q, 0.0) : q).contiguous();
+}
+
+// Whether a row at position pos is a query: not an empty slot (pos >= 0; CPU
+// row sets are checked to lie in [-1, T)) and a real token.
+inline bool is_query_position(int64_t pos, const bool* mask_row) {
+  return pos >= 0 && (mask_row == nullptr || mask_row[pos]);
+}
+
+// Keys s < row_key_end(causal, pos, T) may be allowed for a row at position
+// pos (before the padding mask); an empty slot (pos < 0) gets 0, so it never
+// extends a block's key range. A padded position keeps its causal end, as
+// without a row set: the row set 0..T-1 then gives today's key ranges, hence
+// today's GEMM shapes and bit-identical results (a sampler draws no padded
+// position, so nothing is lost).
+inline int64_t row_key_end(CausalMode causal, int64_t pos, int64_t T) {
+  return pos < 0 ? 0 : causal_key_end(causal, pos, T);
 }
 
 // The row loops below are compiled once per ISA clone; GCC inlines a helper
@@ -219,22 +250,32 @@ void row_backward(double* scores, double* cross, const double* g, double* coef, 
 
 namespace {
 
-// One query block [t0, t0 + nq) of one (b, h) against all its keys. packed:
-// this head's [k | w | g] rows (T x width). scores: kQueryBlock x kKeyBlock
-// scratch; accum: kQueryBlock x width scratch.
+// One query block, rows [r0, r0 + nq), of one (b, h) against all its keys.
+// positions_row: this sequence's row set ([R]) or nullptr (row r is position
+// r). packed: this head's [k | w | g] rows (T x width). scores: kQueryBlock x
+// kKeyBlock scratch; accum: kQueryBlock x width scratch. kappa, lse, stats:
+// this head's output rows (R of them).
 template <typename scalar_t>
-void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_t t0, int64_t nq,
-                         int64_t T, int64_t d, double scale_d, CausalMode causal, const bool* mask_row,
-                         int64_t first_real, scalar_t* scores, scalar_t* accum, scalar_t* kappa,
-                         scalar_t* lse, scalar_t* stats) {
+void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_t r0, int64_t nq,
+                         const int64_t* positions_row, int64_t T, int64_t d, double scale_d,
+                         CausalMode causal, const bool* mask_row, int64_t first_real,
+                         scalar_t* scores, scalar_t* accum, scalar_t* kappa, scalar_t* lse,
+                         scalar_t* stats) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t width = 2 * d + 1;
   std::vector<scalar_t> row_max(nq, neg_inf), row_sum(nq, 0);
   std::fill(accum, accum + nq * width, scalar_t(0));
-  // Causal: keys after the block's last query are never allowed, so those
-  // blocks are skipped rather than computed and masked.
-  const int64_t key_end = std::min(T, causal_key_end(causal, t0 + nq - 1, T));
+  // Causal: keys after the block's last (largest) query position are never
+  // allowed, so those blocks are skipped rather than computed and masked.
+  // Rows need not be sorted: the end is the maximum over the block.
+  int64_t row_end[kQueryBlock];
+  int64_t key_end = 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    row_end[i] = row_key_end(causal, row_position(positions_row, r0 + i), T);
+    key_end = std::max(key_end, row_end[i]);
+  }
+  key_end = std::min(T, key_end);
   for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, key_end - s0);
     const scalar_t* key_rows = packed + s0 * width;
@@ -243,7 +284,7 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
     const bool* key_mask = mask_row ? mask_row + s0 : nullptr;
     for (int64_t i = 0; i < nq; ++i) {
       scalar_t* row = scores + i * kKeyBlock;
-      const int64_t allowed_end = std::min(nk, causal_key_end(causal, t0 + i, T) - s0);
+      const int64_t allowed_end = std::min(nk, row_end[i] - s0);
       const scalar_t block_max = detail::row_max(row, nk, allowed_end, key_mask);
       if (block_max == neg_inf) {
         // No finite logit among this block's allowed keys. The max reduction
@@ -266,12 +307,13 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
               width, scalar_t(1), accum, width);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t t = t0 + i;
+    const int64_t t = r0 + i;  // the output row
+    const int64_t pos = row_position(positions_row, t);
     // Validity is structural (a real query with a real allowed key), never
     // read from the row sum: a NaN/inf input makes the sum NaN (or 0), and a
     // test on it would report that row as invalid, i.e. a margin of exactly 1.
     const bool valid =
-        (mask_row == nullptr || mask_row[t]) && first_real < causal_key_end(causal, t, T);
+        is_query_position(pos, mask_row) && first_real < causal_key_end(causal, pos, T);
     if (!valid) continue;  // outputs keep their "invalid" fill: kappa 0, lse -inf, stats 0
     if (!(row_sum[i] > 0)) {  // a valid row whose softmax is undefined: NaN, never a value
       const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
@@ -300,17 +342,18 @@ void forward_query_block(const scalar_t* q_block, const scalar_t* packed, int64_
 
 namespace {
 
-// What both CPU cores start from: the shapes, q in the accumulation dtype and
-// the keys packed per head as [k | w | g].
+// What both CPU cores start from: the shapes, q in the accumulation dtype
+// (rows that are no query zeroed) and the keys packed per head as [k | w | g].
 struct CpuOperands {
   explicit CpuOperands(const KappaProblem& problem)
-      : B(problem.B()), H(problem.H()), T(problem.T()), d(problem.d()), width(2 * d + 1),
+      : B(problem.B()), H(problem.H()), T(problem.T()), R(problem.R()), d(problem.d()),
+        width(2 * d + 1),
         scale(problem.scale), causal(problem.causal),
         acc(accumulation_dtype(problem.q.scalar_type())),
         opts(problem.q.options().dtype(acc)),
         q(queries_in(problem, acc)),
         packed(pack_keys(problem.k, problem.w, real_rows(problem))) {}
-  const int64_t B, H, T, d, width;
+  const int64_t B, H, T, R, d, width;  // T keys, R query rows
   const double scale;
   const CausalMode causal;
   const at::ScalarType acc;
@@ -322,20 +365,21 @@ struct CpuOperands {
 
 KappaState kappa_forward_cpu(const KappaProblem& problem) {
   const CpuOperands ops(problem);
-  const int64_t B = ops.B, H = ops.H, T = ops.T, d = ops.d, width = ops.width;
+  const int64_t B = ops.B, H = ops.H, T = ops.T, R = ops.R, d = ops.d, width = ops.width;
   const double scale = ops.scale;
   const CausalMode causal = ops.causal;
   const auto acc = ops.acc;
   const auto opts = ops.opts;
   const at::Tensor& q_a = ops.q;
   const at::Tensor& packed = ops.packed;
-  at::Tensor kappa = at::zeros({B, H, T}, opts);
-  at::Tensor lse = at::full({B, H, T}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor stats = at::zeros({B, H, T, 2 * d}, opts);
-  const int64_t n_qblocks = (T + kQueryBlock - 1) / kQueryBlock;
+  at::Tensor kappa = at::zeros({B, H, R}, opts);
+  at::Tensor lse = at::full({B, H, R}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor stats = at::zeros({B, H, R, 2 * d}, opts);
+  const int64_t n_qblocks = (R + kQueryBlock - 1) / kQueryBlock;
   if (B * H * n_qblocks == 0) return {kappa, lse, stats};
   AT_DISPATCH_FLOATING_TYPES(acc, "kappa_forward_cpu", [&] {
     const bool* mask_ptr = problem.mask_ptr();
+    const int64_t* positions_ptr = problem.positions_ptr();
     const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
     const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
     scalar_t* kappa_ptr = kappa.data_ptr<scalar_t>();
@@ -355,16 +399,23 @@ KappaState kappa_forward_cpu(const KappaProblem& problem) {
       std::vector<scalar_t> scores(kQueryBlock * kKeyBlock), accum(kQueryBlock * width);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / n_qblocks, b = bh / H;
-        const int64_t t0 = (task % n_qblocks) * kQueryBlock;
-        const int64_t nq = std::min(kQueryBlock, T - t0);
+        const int64_t r0 = (task % n_qblocks) * kQueryBlock;
+        const int64_t nq = std::min(kQueryBlock, R - r0);
         const bool* mask_row = mask_ptr ? mask_ptr + b * T : nullptr;
-        if (mask_row && std::none_of(mask_row + t0, mask_row + t0 + nq, [](bool x) { return x; }))
-          continue;  // every query of the block is padding: no margins to compute
-        forward_query_block<scalar_t>(q_ptr + (bh * T + t0) * d, packed_ptr + bh * T * width, t0,
-                                      nq, T, d, scale, causal, mask_row, first_real[b],
-                                      scores.data(), accum.data(), kappa_ptr + bh * T,
-                                      lse_ptr + bh * T,
-                                      stats_ptr + bh * T * 2 * d);
+        const int64_t* positions_row = positions_ptr ? positions_ptr + b * R : nullptr;
+        if (mask_row != nullptr || positions_row != nullptr) {
+          bool any_query = false;
+          for (int64_t i = 0; i < nq && !any_query; ++i) {
+            any_query = is_query_position(row_position(positions_row, r0 + i), mask_row);
+          }
+          // every row of the block is padding or an empty slot: no margins to compute
+          if (!any_query) continue;
+        }
+        forward_query_block<scalar_t>(q_ptr + (bh * R + r0) * d, packed_ptr + bh * T * width, r0,
+                                      nq, positions_row, T, d, scale, causal, mask_row,
+                                      first_real[b], scores.data(), accum.data(),
+                                      kappa_ptr + bh * R, lse_ptr + bh * R,
+                                      stats_ptr + bh * R * 2 * d);
       }
     });
   });
@@ -373,21 +424,23 @@ KappaState kappa_forward_cpu(const KappaProblem& problem) {
 
 namespace {
 
-// One (b, h)'s operands and outputs, all contiguous rows of this head.
+// One (b, h)'s operands and outputs, all contiguous rows of this head: R
+// query rows, T keys (R = T without a row set).
 template <typename scalar_t>
 struct HeadBackward {
-  const scalar_t* q;        // T x d
-  const scalar_t* packed;   // T x (2d + 1): [k | w | g]
-  const scalar_t* g;        // T
-  const scalar_t* stats;    // T x 2d: [kbar | wbar]
-  const scalar_t* swapped;  // T x 2d: [wbar | kbar]
-  const scalar_t* beta;     // T: dL/dkappa
-  const scalar_t* kappa;    // T
-  const scalar_t* lse;      // T
-  const bool* mask_row;     // T, or nullptr
-  scalar_t* dq;             // T x d, zero on entry
-  scalar_t* dk;             // T x d
-  scalar_t* dw;             // T x d
+  const scalar_t* q;              // R x d
+  const scalar_t* packed;         // T x (2d + 1): [k | w | g]
+  const scalar_t* g;              // T
+  const scalar_t* stats;          // R x 2d: [kbar | wbar]
+  const scalar_t* swapped;        // R x 2d: [wbar | kbar]
+  const scalar_t* beta;           // R: dL/dkappa
+  const scalar_t* kappa;          // R
+  const scalar_t* lse;            // R
+  const bool* mask_row;           // T, or nullptr
+  const int64_t* positions_row;   // R, or nullptr (row r is position r)
+  scalar_t* dq;                   // R x d, zero on entry
+  scalar_t* dk;                   // T x d
+  scalar_t* dw;                   // T x d
 };
 
 // Per-thread scratch of the backward: one block's scores/cross, and the
@@ -396,12 +449,13 @@ template <typename scalar_t>
 struct BackwardScratch {
   BackwardScratch(int64_t T, int64_t d)
       : scores(kQueryBlock * kKeyBlock), cross(kQueryBlock * kKeyBlock), kq(T * d),
-        bars(T * 2 * d), coef(T), hbar(kQueryBlock), active(kQueryBlock) {}
+        bars(T * 2 * d), coef(T), hbar(kQueryBlock), row_end(kQueryBlock), active(kQueryBlock) {}
   std::vector<scalar_t> scores, cross;
   std::vector<scalar_t> kq;    // c sum_t dz_ts q_t
   std::vector<scalar_t> bars;  // sum_t Pb_ts [kbar_t | wbar_t]
   std::vector<scalar_t> coef;  // sum_t Pb_ts
   std::vector<scalar_t> hbar;  // per query of the block: kappa_t / c - <kbar_t, wbar_t>
+  std::vector<int64_t> row_end;  // per query of the block: its causal key end (row_key_end)
   std::vector<char> active;    // per query of the block: has a margin and a nonzero beta
 };
 
@@ -412,7 +466,7 @@ struct BackwardScratch {
 //   dw_s = coef_s k_s - sum_t Pb kbar_t
 template <typename scalar_t>
 void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>& scratch,
-                   int64_t T, int64_t d, double scale_d, CausalMode causal) {
+                   int64_t T, int64_t R, int64_t d, double scale_d, CausalMode causal) {
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const int64_t width = 2 * d + 1;
   scalar_t* scores = scratch.scores.data();
@@ -423,17 +477,26 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
   std::fill(scratch.kq.begin(), scratch.kq.end(), scalar_t(0));
   std::fill(scratch.bars.begin(), scratch.bars.end(), scalar_t(0));
   std::fill(scratch.coef.begin(), scratch.coef.end(), scalar_t(0));
-  for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock) {
-    const int64_t nq = std::min(kQueryBlock, T - t0);
+  const bool has_row_set = head.positions_row != nullptr;
+  for (int64_t t0 = 0; t0 < R; t0 += kQueryBlock) {
+    const int64_t nq = std::min(kQueryBlock, R - t0);
     bool any_active = false;
+    int64_t key_end = 0;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = t0 + i;
+      const int64_t pos = row_position(head.positions_row, t);
       // Invalid rows have lse = -inf. A NaN lse (a valid row with NaN/inf
-      // inputs) stays active, so its gradients are NaN as well, not 0.
+      // inputs) stays active, so its gradients are NaN as well, not 0. A row
+      // that is no query is inactive whatever state it was given.
       const bool active = head.lse[t] != -std::numeric_limits<scalar_t>::infinity() &&
-                          head.beta[t] != scalar_t(0);
+                          head.beta[t] != scalar_t(0) &&
+                          (!has_row_set || is_query_position(pos, head.mask_row));
       scratch.active[i] = active;
       any_active = any_active || active;
+      // Every row but an empty slot counts, active or not, as in the forward
+      // (so the row set 0..T-1 keeps today's key ranges); rows in any order.
+      scratch.row_end[i] = row_key_end(causal, pos, T);
+      key_end = std::max(key_end, scratch.row_end[i]);
       scalar_t kw = 0;
       const scalar_t* stat_row = head.stats + t * 2 * d;
       for (int64_t c = 0; c < d; ++c) kw += stat_row[c] * stat_row[d + c];
@@ -442,7 +505,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
     if (!any_active) continue;
     const scalar_t* q_block = head.q + t0 * d;
     const scalar_t* stats_block = head.stats + t0 * 2 * d;
-    const int64_t key_end = std::min(T, causal_key_end(causal, t0 + nq - 1, T));
+    key_end = std::min(T, key_end);
     for (int64_t s0 = 0; s0 < key_end; s0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, key_end - s0);
       const scalar_t* key_rows = head.packed + s0 * width;  // k_s at column 0, w_s at d
@@ -453,7 +516,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
       cpu::gemm(Trans::kNo, Trans::kYes, nq, nk, 2 * d, scalar_t(1), head.swapped + t0 * 2 * d,
                 2 * d, key_rows, width, scalar_t(0), cross, kKeyBlock);
       for (int64_t i = 0; i < nq; ++i) {
-        const int64_t t = t0 + i;
+        const int64_t t = t0 + i;  // the row; scratch.row_end holds its position's key end
         scalar_t* srow = scores + i * kKeyBlock;
         scalar_t* crow = cross + i * kKeyBlock;
         if (!scratch.active[i]) {
@@ -461,7 +524,7 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
           std::fill(crow, crow + nk, scalar_t(0));
           continue;
         }
-        const int64_t allowed_end = std::min(nk, causal_key_end(causal, t, T) - s0);
+        const int64_t allowed_end = std::min(nk, scratch.row_end[i] - s0);
         detail::row_backward(srow, crow, head.g + s0, coef + s0, nk, allowed_end,
                              head.mask_row ? head.mask_row + s0 : nullptr, scale, head.lse[t],
                              head.beta[t] * scale, scratch.hbar[i]);
@@ -497,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaPro
                                                                   const at::Tensor& grad_kappa,
                                                                   const KappaState& state) {
   const CpuOperands ops(problem);
-  const int64_t B = ops.B, H = ops.H, T = ops.T, d = ops.d, width = ops.width;
+  const int64_t B = ops.B, H = ops.H, T = ops.T, R = ops.R, d = ops.d, width = ops.width;
   const double scale = ops.scale;
   const CausalMode causal = ops.causal;
   const auto acc = ops.acc;
@@ -512,12 +575,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaPro
   // the packed [k | w] in the cross GEMM.
   const at::Tensor swapped_stats =
       at::cat({stats_c.narrow(-1, d, d), stats_c.narrow(-1, 0, d)}, -1);
-  at::Tensor dq = at::zeros({B, H, T, d}, opts);  // query blocks with no active row stay 0
+  at::Tensor dq = at::zeros({B, H, R, d}, opts);  // query blocks with no active row stay 0
   at::Tensor dk = at::empty({B, H, T, d}, opts);  // every row written by its head
   at::Tensor dw = at::empty({B, H, T, d}, opts);
   if (B * H * T > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "kappa_backward_cpu", [&] {
       const bool* mask_ptr = problem.mask_ptr();
+      const int64_t* positions_ptr = problem.positions_ptr();
       const scalar_t* q_ptr = q_a.const_data_ptr<scalar_t>();
       const scalar_t* packed_ptr = packed.const_data_ptr<scalar_t>();
       const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
@@ -533,20 +597,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cpu(const KappaPro
         const cpu::BlasOnCallingThread single_threaded_blas;
         BackwardScratch<scalar_t> scratch(T, d);
         for (int64_t bh = begin; bh < end; ++bh) {
-          const int64_t rows = bh * T;
+          const int64_t rows = bh * R, keys = bh * T, b = bh / H;
           const HeadBackward<scalar_t> head{q_ptr + rows * d,
-                                            packed_ptr + rows * width,
-                                            g_ptr + rows,
+                                            packed_ptr + keys * width,
+                                            g_ptr + keys,
                                             stats_ptr + rows * 2 * d,
                                             swapped_ptr + rows * 2 * d,
                                             beta_ptr + rows,
                                             kappa_ptr + rows,
                                             lse_ptr + rows,
-                                            mask_ptr ? mask_ptr + (bh / H) * T : nullptr,
+                                            mask_ptr ? mask_ptr + b * T : nullptr,
+                                            positions_ptr ? positions_ptr + b * R : nullptr,
                                             dq_ptr + rows * d,
-                                            dk_ptr + rows * d,
-                                            dw_ptr + rows * d};
-          backward_head<scalar_t>(head, scratch, T, d, scale, causal);
+                                            dk_ptr + keys * d,
+                                            dw_ptr + keys * d};
+          backward_head<scalar_t>(head, scratch, T, R, d, scale, causal);
         }
       });
     });

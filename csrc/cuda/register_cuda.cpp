@@ -12,18 +12,27 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale,
-    c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask) {
+    c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& query_positions) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  return kappa_with(&kappa_forward_cuda, q, k, w, scale, causal, key_padding_mask);
+  TORCH_CHECK_NOT_IMPLEMENTED(!query_positions.has_value(),
+                              "barrier_ops.kappa: query_positions is not implemented by the CUDA "
+                              "kernels of this build yet");
+  return kappa_with(&kappa_forward_cuda, q, k, w, scale, causal, key_padding_mask,
+                    query_positions);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda_op(
     const at::Tensor& grad_kappa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
     double scale, c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats) {
+    const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats,
+    const std::optional<at::Tensor>& query_positions) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(!query_positions.has_value(),
+                              "barrier_ops.kappa_backward: query_positions is not implemented by "
+                              "the CUDA kernels of this build yet");
   return kappa_backward_with(&kappa_backward_cuda, grad_kappa, q, k, w, scale, causal,
-                             key_padding_mask, kappa, lse, stats);
+                             key_padding_mask, kappa, lse, stats, query_positions);
 }
 
 }  // namespace
