@@ -34,6 +34,14 @@ attention timings.
    eager and the torch.compile'd reference; each row's ratio to the
    yardstick; the SDPA kernel PyTorch picks for the sdpa backend's widened
    q', k', V' (``torch._fused_sdp_choice``) and for the yardstick.
+2b. the sdpa backend's value split (barrier_ops._sdpa.SDPA_VALUE_SPLIT):
+   "whole", "equal", "narrow" at d = 128 and 64, with key padding and with a
+   row set; per variant the SDPA kernel of each call (torch._fused_sdp_choice
+   on the real tensors), which kernels take every call alone
+   (torch.nn.attention.sdpa_kernel, with PyTorch's reasons when not), fwd and
+   fwd+bwd time with PyTorch's choice and with each other available fused
+   kernel forced, and kappa's difference from the whole variant. The report
+   recommends the fastest variant that agrees (a split only if >= 5% faster).
 3. end to end: GPT-2 small (124M, from GPT2Config(), no download), bf16
    autocast, T = 1024, AdamW step time without and with
    ``barrier_ops.attach(model, weight=0.02)`` for each backend.
@@ -165,25 +173,31 @@ def sdpa_kernel_name(q, k, v, is_causal: bool = True) -> str:
         return f"SDPBackend({choice})"
 
 
-def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=True) -> str:
-    """Kernel for the sdpa backend's q', k' and V' at this dtype.
+def sdpa_backend_kernel(device, dtype, B, H, T, d, masked=False, requires_grad=True,
+                        split=None) -> str:
+    """Kernel(s) for the sdpa backend's q', k' and V' at this dtype, one per SDPA call.
 
     q' and k' are d wide (2d in bf16/fp16, where each key is split into a high
     and a low half), +1 with a mask; V' carries the centred keys, values, the
-    <k, w> column and the outlier keys' indicator columns; all padded.
+    <k, w> column and the outlier keys' indicator columns, in one part or, with
+    a value split, several (" + " between the parts' kernels); all padded.
 
     Shapes from barrier_ops._sdpa.value_layout, the layout _attention_form builds
     (a private helper: if it is gone, the row says so and keeps its timings).
+    split: None for the one in force (barrier_ops._sdpa.value_split).
     """
     try:
-        from barrier_ops._sdpa import value_layout
+        from barrier_ops import _sdpa
 
-        qk_w, v_w = value_layout(device, d, masked, split_keys=dtype in (torch.float16, torch.bfloat16))
+        split = _sdpa.value_split(device) if split is None else split
+        qk_w, v_w = _sdpa.value_layout(device, d, masked, split_keys=dtype in (torch.float16, torch.bfloat16),
+                                       split=split)
     except Exception as exc:
         return f"unknown ({_short_error(exc)})"
     make = lambda w: torch.empty(B, H, T, w, device=device, dtype=dtype,  # noqa: E731
                                  requires_grad=requires_grad)
-    return sdpa_kernel_name(make(qk_w), make(qk_w), make(v_w), is_causal=True)
+    widths = (v_w,) if isinstance(v_w, int) else v_w
+    return " + ".join(sdpa_kernel_name(make(qk_w), make(qk_w), make(w), is_causal=True) for w in widths)
 
 
 # ---------------------------------------------------------------------------
@@ -645,6 +659,266 @@ def e2e_rows(device: torch.device, smoke: bool, batch: int, T: int, warmup: int,
 
 
 # ---------------------------------------------------------------------------
+# The sdpa backend's value split: which variant, which kernel
+# ---------------------------------------------------------------------------
+
+VALUE_SPLITS = ("whole", "equal", "narrow")
+# Probed one at a time under torch.nn.attention.sdpa_kernel: does every SDPA
+# call of the variant run on it (forward and backward)?
+PROBE_KERNELS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+FUSED_KERNELS = PROBE_KERNELS[:3]  # timed when available (MATH materialises T x T)
+# A split is recommended only if its summed fwd+bwd time beats "whole" by this fraction.
+SPLIT_MARGIN = 0.05
+
+
+@dataclass
+class SplitCase:
+    T: int
+    d: int
+    B: int
+    H: int
+    mask: bool = False  # key padding (a quarter of every other sequence, right)
+    rows: int = 0  # a row set of this many sorted positions per sequence (0: every row)
+
+    @property
+    def name(self) -> str:
+        extra = (" key-pad" if self.mask else "") + (f" rows={self.rows}" if self.rows else "")
+        return f"B{self.B} H{self.H} T{self.T} d{self.d}{extra}"
+
+
+def split_cases(smoke: bool) -> List[SplitCase]:
+    """d = 128 and 64 without a mask (V' 262 / 134 wide), d = 64 with key padding (the
+    extra logit column makes q' 136 wide, as wide as V'), d = 64 with a row set
+    (an explicit [B, 1, R, T] mask, which FlashAttention does not take)."""
+    if smoke:
+        return [SplitCase(T=128, d=16, B=1, H=2), SplitCase(T=128, d=16, B=1, H=2, mask=True),
+                SplitCase(T=128, d=16, B=1, H=2, rows=16)]
+    return [SplitCase(T=4096, d=128, B=4, H=16), SplitCase(T=4096, d=64, B=4, H=16),
+            SplitCase(T=4096, d=64, B=4, H=16, mask=True), SplitCase(T=4096, d=64, B=4, H=16, rows=512)]
+
+
+def split_inputs(case: SplitCase, dtype: torch.dtype, device: torch.device):
+    """q, k, v leaves [B, H, T, d], the key padding mask (or None), the positions (or None)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(case.B, case.H, case.T, case.d, device=device, dtype=dtype, generator=gen)
+               .requires_grad_() for _ in range(3))
+    mask = positions = None
+    if case.mask:
+        mask = torch.ones(case.B, case.T, dtype=torch.bool, device=device)
+        mask[1::2, case.T - case.T // 4:] = False
+    if case.rows:
+        cpu = torch.Generator().manual_seed(0)
+        positions = torch.stack([torch.randperm(case.T, generator=cpu)[: case.rows].sort().values
+                                 for _ in range(case.B)]).to(device)
+    return q, k, v, mask, positions
+
+
+def kappa_callables(case: SplitCase, q, k, v, mask, positions):
+    """(kappa, fwd, fwd_bwd) of the sdpa backend's core (barrier_ops._sdpa.kappa_sdpa), as the
+    composite calls it: rows gathered, w = v in float32; the split is whatever is in force."""
+    from barrier_ops import _sdpa
+
+    scale = 1.0 / math.sqrt(case.d)
+
+    def kappa():
+        query = q
+        if positions is not None:
+            index = positions[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
+            query = q.gather(2, index)
+        return _sdpa.kappa_sdpa(query, k, v.float(), scale, "inclusive", mask, positions)
+
+    def fwd():
+        with torch.no_grad():
+            kappa()
+
+    def fwd_bwd():
+        torch.autograd.grad(kappa().sum(), (q, k, v))
+
+    return kappa, fwd, fwd_bwd
+
+
+class _SplitInForce:
+    """barrier_ops._sdpa.SDPA_VALUE_SPLIT set to one variant, and put back."""
+
+    def __init__(self, split: str):
+        self.split = split
+
+    def __enter__(self):
+        from barrier_ops import _sdpa
+
+        self.saved = _sdpa.SDPA_VALUE_SPLIT
+        _sdpa.SDPA_VALUE_SPLIT = self.split
+
+    def __exit__(self, *exc):
+        from barrier_ops import _sdpa
+
+        _sdpa.SDPA_VALUE_SPLIT = self.saved
+        return False
+
+
+def sdpa_calls(fn: Callable[[], None]) -> List[Dict]:
+    """The SDPA calls one run of fn makes: q/k and v widths, and the kernel PyTorch picks for each
+    (torch._fused_sdp_choice on the very tensors and mask)."""
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        try:
+            choice = torch._fused_sdp_choice(query, key, value, attn_mask=attn_mask, **kw)
+            from torch.nn.attention import SDPBackend
+            kernel = SDPBackend(choice).name
+        except Exception as exc:
+            kernel = f"unknown ({_short_error(exc)})"
+        calls.append({"qk": query.shape[-1], "v": value.shape[-1], "mask": attn_mask is not None,
+                      "kernel": kernel})
+        return original(query, key, value, attn_mask=attn_mask, **kw)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        fn()
+    finally:
+        F.scaled_dot_product_attention = original
+    return calls
+
+
+def probe_kernel(name: str, fn: Callable[[], None], device: torch.device) -> str:
+    """"ok" if fn (forward and backward) runs with only SDPA kernel `name` enabled, else why not:
+    PyTorch's own reasons (the warnings sdp_utils prints) when it has no kernel left."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        backend = getattr(SDPBackend, name)
+    except AttributeError:
+        return f"not in this torch ({torch.__version__})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([backend]):
+                fn()
+            sync(device)
+            return "ok"
+        except torch.cuda.OutOfMemoryError:
+            empty_cache(device)
+            return "OOM"
+        except RuntimeError as exc:
+            reasons = [str(w.message).strip().splitlines()[0][:200] for w in caught
+                       if "kernel not used because" not in str(w.message)]
+            return "unavailable: " + ("; ".join(dict.fromkeys(reasons)) if reasons else _short_error(exc))
+
+
+def split_rows(case: SplitCase, dtype: torch.dtype, device: torch.device, warmup: int, reps: int) -> List[Dict]:
+    """One row per value-split variant: the SDPA calls and their kernels, which kernels can take
+    every call, fwd and fwd+bwd time with PyTorch's choice and with each other available fused
+    kernel forced, and kappa's largest difference from the whole variant's."""
+    from barrier_ops import _sdpa
+
+    dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+    q, k, v, mask, positions = split_inputs(case, dtype, device)
+    kappa, fwd, fwd_bwd = kappa_callables(case, q, k, v, mask, positions)
+    rows, whole_kappa = [], None
+
+    def each_variant(work):
+        # Every variant in turn, each failure its own row's (one variant failing must not hide the others).
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            t0 = time.monotonic()
+            try:
+                with _SplitInForce(row["split"]):
+                    work(row)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "OOM"
+            except Exception as exc:
+                row["status"] = "error: " + _short_error(exc)
+            finally:
+                empty_cache(device)
+                row["seconds"] = row.get("seconds", 0.0) + time.monotonic() - t0
+
+    def check(row):
+        nonlocal whole_kappa
+        masked = mask is not None and positions is None
+        row["layout"] = list(_sdpa.value_layout(device, case.d, masked, split_keys=dtype in (
+            torch.float16, torch.bfloat16), split=row["split"]))
+        row["calls"] = sdpa_calls(fwd_bwd)
+        row["kernels"] = " + ".join(c["kernel"] for c in row["calls"])
+        with torch.no_grad():
+            got = kappa().float()
+        if row["split"] == "whole":
+            whole_kappa = got
+        if whole_kappa is not None:
+            row["kappa_rel_diff_vs_whole"] = max_rel_error(got, whole_kappa)
+            row["agrees"] = bool(row["kappa_rel_diff_vs_whole"] <= TOL.get(dtype_name, TOL["fp32"])["margin"])
+        row["probe"] = {name: probe_kernel(name, fwd_bwd, device) for name in PROBE_KERNELS}
+
+    def time_it(row):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        row.update(measure(fwd, fwd_bwd, device, warmup, reps))
+        chosen = {c["kernel"] for c in row["calls"]}
+        row["forced_fwd_bwd_ms"] = {}
+        for name in FUSED_KERNELS:
+            if row["probe"].get(name) != "ok" or chosen == {name}:
+                continue
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                row["forced_fwd_bwd_ms"][name], _ = time_ms(fwd_bwd, device, warmup, reps)
+
+    try:
+        rows.extend({"case": case.name, **asdict(case), "dtype": dtype_name, "split": split, "status": "ok"}
+                    for split in VALUE_SPLITS)
+        # Layouts, kernels, agreement and probes first (they also warm every variant
+        # up), then the timings, so that no variant pays the first calls' costs.
+        each_variant(check)
+        each_variant(time_it)
+    finally:
+        q = k = v = whole_kappa = None
+        empty_cache(device)
+    return rows
+
+
+def recommend_split(rows: List[Dict], device: torch.device) -> Dict:
+    """The variant with the smallest fwd+bwd time (PyTorch's kernel choice) summed over the cases
+    where every variant ran and agreed with the whole one; and the fastest forced kernel seen."""
+    by_case: Dict[str, Dict[str, Dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["split"]] = r
+    totals = {s: 0.0 for s in VALUE_SPLITS}
+    per_case, used = {}, []
+    for case, variants in by_case.items():
+        ok = {s: r for s, r in variants.items() if r.get("status") == "ok" and r.get("agrees", False)}
+        if ok:
+            per_case[case] = min(ok, key=lambda s: ok[s]["fwd_bwd_ms"])
+        if len(ok) == len(VALUE_SPLITS):
+            used.append(case)
+            for s in VALUE_SPLITS:
+                totals[s] += ok[s]["fwd_bwd_ms"]
+    # Per case, the fastest (variant, kernel) seen, PyTorch's choice or forced.
+    fastest = {}
+    for r in rows:
+        if r.get("status") != "ok" or not r.get("agrees", False):
+            continue
+        options = [(r["fwd_bwd_ms"], r["split"], r.get("kernels", "?"))]
+        options += [(ms, r["split"], f"{kernel} (forced)") for kernel, ms in r.get("forced_fwd_bwd_ms", {}).items()]
+        best = min(options)
+        if r["case"] not in fastest or best[0] < fastest[r["case"]]["fwd_bwd_ms"]:
+            fastest[r["case"]] = {"fwd_bwd_ms": best[0], "split": best[1], "kernels": best[2]}
+    try:
+        from barrier_ops import _sdpa
+        current = _sdpa.AUTO_VALUE_SPLIT.get(device.type, "whole")
+    except Exception:
+        current = None
+    pick = min(totals, key=totals.get) if used else None
+    if pick and pick != "whole" and totals[pick] > (1.0 - SPLIT_MARGIN) * totals["whole"]:
+        pick = "whole"  # a split must earn its extra SDPA calls: not faster by the margin, keep one call
+    return {"device_type": device.type, "recommended": pick or "n/a (no case where every variant ran and agreed)",
+            "totals_fwd_bwd_ms": totals if used else {}, "cases_counted": used, "per_case": per_case,
+            "current_auto": current,
+            "speedup_vs_whole": (totals["whole"] / totals[pick]) if used and totals[pick] > 0 else None,
+            "fastest_seen": fastest}
+
+
+# ---------------------------------------------------------------------------
 # Recommendation and report
 # ---------------------------------------------------------------------------
 
@@ -742,6 +1016,44 @@ def _fmt(x, spec=".3g"):
     return format(x, spec)
 
 
+def value_split_markdown(rows: List[Dict], rec: Dict) -> List[str]:
+    """The report's section on the sdpa backend's value-split variants."""
+    L = ["", "## sdpa backend: value split (which SDPA kernel V' reaches)", "",
+         f"**recommended SDPA_VALUE_SPLIT on {rec.get('device_type', '?')}: {rec.get('recommended', 'n/a')}** "
+         f"(current AUTO_VALUE_SPLIT = {rec.get('current_auto')!r}; a split only if >= "
+         f"{100 * SPLIT_MARGIN:.0f}% faster than whole in fwd+bwd summed over "
+         f"{len(rec.get('cases_counted', []))} case(s) where every variant ran and agreed"
+         + (f", {rec['speedup_vs_whole']:.2f}x the whole variant" if rec.get("speedup_vs_whole") else "")
+         + "; recommends only, changes nothing)", "",
+         "barrier_ops._sdpa.kappa_sdpa fwd+bwd (rows gathered, w = v in float32). kernels: "
+         "torch._fused_sdp_choice for each SDPA call (one per V' part). probe: the kernels that "
+         "run every call alone (torch.nn.attention.sdpa_kernel), F flash, C cuDNN, E memory-efficient, "
+         "M math. forced: fwd+bwd ms with another available kernel forced. diff: max|kappa - "
+         "kappa_whole| / max|kappa_whole|.", "",
+         "| case | split | q' / V' parts | kernels | probe F C E M | fwd ms | fwd+bwd ms | forced | diff |",
+         "|---|---|---|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        layout = r.get("layout") or ["?", "?"]
+        parts = layout[1] if isinstance(layout[1], (list, tuple)) else [layout[1]]
+        shape = f"{layout[0]} / {'+'.join(str(p) for p in parts)}"
+        if r.get("status") != "ok":
+            L.append(f"| {r['case']} | {r['split']} | {shape} | {r.get('status')} | | | | | |")
+            continue
+        probe = " ".join("y" if r["probe"].get(k) == "ok" else "-" for k in PROBE_KERNELS)
+        forced = ", ".join(f"{k.split('_')[0].lower()} {ms:.2f}" for k, ms in r.get("forced_fwd_bwd_ms", {}).items())
+        L.append(f"| {r['case']} | {r['split']} | {shape} | {r['kernels']} | {probe} | {r['fwd_ms']:.3f} | "
+                 f"{r['fwd_bwd_ms']:.3f} | {forced} | {_fmt(r.get('kappa_rel_diff_vs_whole'), '.1e')} |")
+    if rec.get("fastest_seen"):
+        L += ["", "Fastest seen per case (PyTorch's choice or forced): " + "; ".join(
+            f"{c}: {f['split']} {f['kernels']} {f['fwd_bwd_ms']:.2f} ms" for c, f in rec["fastest_seen"].items())]
+    reasons = sorted({f"{k}: {v[len('unavailable: '):]}" for r in rows for k, v in (r.get("probe") or {}).items()
+                      if isinstance(v, str) and v.startswith("unavailable")})
+    if reasons:
+        L += ["", "Why a kernel could not take a variant (PyTorch's reasons, deduplicated):", ""]
+        L += [f"- {x[:400]}" for x in reasons[:20]]
+    return L
+
+
 def markdown(report: Dict) -> str:
     env, rec = report["environment"], report.get("recommendation") or {}
     what = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
@@ -805,6 +1117,8 @@ def markdown(report: Dict) -> str:
                  f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(r.get('fwd_bwd_ratio_to_yardstick'), '.2f')} | "
                  f"{r.get('sdpa_kernel', '')} |")
 
+    L += value_split_markdown(report.get("value_split") or [], report.get("value_split_recommendation") or {})
+
     e2e = report["e2e"]
     L += ["", "## End to end: GPT-2 AdamW step", ""]
     if e2e:
@@ -834,6 +1148,10 @@ def write_report(report: Dict, outdir: str) -> None:
         report["recommendation"] = recommend(report["parity"], report["speed"], report["_device"])
     except Exception as exc:
         report["recommendation"] = {"recommended": f"n/a (recommend failed: {_short_error(exc)})"}
+    try:
+        report["value_split_recommendation"] = recommend_split(report.get("value_split", []), report["_device"])
+    except Exception as exc:
+        report["value_split_recommendation"] = {"recommended": f"n/a (recommend_split failed: {_short_error(exc)})"}
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     os.makedirs(outdir, exist_ok=True)
     tmp = os.path.join(outdir, "report.json.tmp")
@@ -902,7 +1220,7 @@ def main(argv=None) -> int:
     ref_max_t = args.ref_max_t or (48 if smoke else 4096)
     report = {"_t0": budget.t0, "_device": device, "smoke": smoke, "budget_s": budget.seconds,
               "hard_limit_s": hard_limit, "elapsed_s": 0.0, "finished": False,
-              "environment": environment(device), "parity": [], "speed": [], "e2e": [],
+              "environment": environment(device), "parity": [], "speed": [], "value_split": [], "e2e": [],
               "recommendation": None, "skipped": [], "errors": [], "import_error": None,
               "cuda_context_error": None,
               "settings": {"ref_max_t": ref_max_t, "tolerances": TOL, "cross_factor": CROSS_FACTOR,
@@ -973,6 +1291,13 @@ def main(argv=None) -> int:
                 est = (90.0 if not smoke else 20.0) if impl == "compiled_reference" else row_est + T / 2048
                 guarded(f"speed {impl} T={T} d={d}", est, lambda impl=impl, T=T, d=d: speed(impl, T, d))
 
+    def run_value_split():
+        for case in split_cases(smoke):
+            est = 3 * (row_est + case.T / 1024)
+            guarded(f"sdpa value split {case.name}", est,
+                    lambda case=case: report["value_split"].extend(
+                        split_rows(case, speed_dtype, device, warmup, reps)))
+
     def run_e2e():
         report["e2e"] = e2e_rows(device, smoke, e2e_batch, e2e_T, e2e_warm, e2e_reps,
                                  deadline=budget.t0 + budget.seconds)
@@ -995,6 +1320,7 @@ def main(argv=None) -> int:
         _simulated_hang()
         run_parity(with_ref)                                     # 1. parity where the reference fits
         run_speed([first_speed], [i for i in fast_impls if i != YARDSTICK])  # 2. headline speed shape
+        run_value_split()                                        # 2b. sdpa value split variants
         guarded("end to end GPT-2", 15.0 if smoke else 45.0, run_e2e)  # 3. end to end
         run_parity(long_cases)                                   # 4. long T, fused vs sdpa
         run_speed(other_shapes, fast_impls)                      # 5. the rest of the speed grid

@@ -94,6 +94,69 @@ def test_end_to_end_overhead_rows(smoke_report):
     assert "overhead %" in md
 
 
+def test_value_split_rows_record_kernels_probes_and_agreement(smoke_report):
+    # Every variant at every case: its layout, one kernel per SDPA call, which
+    # kernels take every call alone, timings, and kappa equal to the whole one's.
+    report, md = smoke_report
+    rows = report["value_split"]
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 3 and any("rows=" in c for c in cases) and any("key-pad" in c for c in cases)
+    for case in cases:
+        assert {r["split"] for r in rows if r["case"] == case} == {"whole", "equal", "narrow"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["calls"] and len(r["kernels"].split(" + ")) == len(r["calls"])
+        parts = r["layout"][1] if isinstance(r["layout"][1], list) else [r["layout"][1]]
+        assert len(parts) == len(r["calls"]) and [c["v"] for c in r["calls"]] == parts
+        assert all(c["mask"] == ("rows=" in r["case"]) for c in r["calls"])
+        # On CPU the flash kernel takes every layout (a math fallback would be a bug).
+        assert r["kernels"].replace(" + ", "") == "FLASH_ATTENTION" * len(r["calls"]), r["kernels"]
+        assert r["probe"]["FLASH_ATTENTION"] == "ok" and r["probe"]["MATH"] == "ok"
+        assert r["probe"]["EFFICIENT_ATTENTION"].startswith("unavailable")
+        assert r["agrees"] and r["kappa_rel_diff_vs_whole"] <= 5e-4
+        assert r["fwd_bwd_ms"] > 0
+    equal = [r for r in rows if r["split"] == "equal" and "key-pad" not in r["case"]]
+    assert all(len(r["calls"]) == 3 for r in equal)  # d = 16: V' 38 wide in parts of 16
+    rec = report["value_split_recommendation"]
+    assert rec["recommended"] in ("whole", "equal", "narrow") and rec["current_auto"] == "whole"
+    assert f"recommended SDPA_VALUE_SPLIT on cpu: {rec['recommended']}" in md
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["gpu_check"])
+    return sys.modules["gpu_check"]
+
+
+def _split_row(case, split, ms, agrees=True, status="ok"):
+    return {"case": case, "split": split, "status": status, "fwd_bwd_ms": ms, "agrees": agrees,
+            "kernels": "K", "forced_fwd_bwd_ms": {}}
+
+
+def test_the_split_recommendation_picks_the_fastest_agreeing_variant():
+    gc = _gpu_check_module()
+    cpu = torch.device("cpu")
+    rows = [_split_row("a", "whole", 10.0), _split_row("a", "equal", 6.0), _split_row("a", "narrow", 8.0),
+            _split_row("b", "whole", 20.0), _split_row("b", "equal", 16.0), _split_row("b", "narrow", 12.0)]
+    rec = gc.recommend_split(rows, cpu)
+    assert rec["recommended"] == "narrow" and rec["totals_fwd_bwd_ms"]["narrow"] == 20.0
+    assert rec["speedup_vs_whole"] == pytest.approx(1.5)
+    assert rec["per_case"] == {"a": "equal", "b": "narrow"}
+    # Within the margin of whole: one SDPA call stays.
+    close = [_split_row("a", "whole", 10.0), _split_row("a", "equal", 9.8), _split_row("a", "narrow", 9.9)]
+    assert gc.recommend_split(close, cpu)["recommended"] == "whole"
+    # A variant whose kappa disagrees, or that failed, takes no case into the totals.
+    bad = [_split_row("a", "whole", 10.0), _split_row("a", "equal", 1.0, agrees=False),
+           _split_row("a", "narrow", 9.0)]
+    rec = gc.recommend_split(bad, cpu)
+    assert rec["recommended"].startswith("n/a") and rec["per_case"] == {"a": "narrow"}
+    assert gc.recommend_split([], cpu)["recommended"].startswith("n/a")
+
+
 # ---------------------------------------------------------------------------
 # The GPU run's failure modes, simulated on CPU (GPU_CHECK_SIMULATE=1): whatever
 # fails, the command ends within its total and report.md / report.json say what.
