@@ -63,6 +63,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default results/<device>.json)")
+    p.add_argument("--sdpa-split", default=None, choices=("auto", "whole", "equal", "narrow"),
+                   help="the sdpa backend's value split (barrier_ops._sdpa.SDPA_VALUE_SPLIT) for this run")
     args = p.parse_args(argv)
     if args.seq_lens is None:
         args.seq_lens = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
@@ -151,6 +153,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench_cuda.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 1
     import barrier_ops  # noqa: F401
+    from barrier_ops import _sdpa
+
+    if args.sdpa_split is not None:
+        _sdpa.SDPA_VALUE_SPLIT = args.sdpa_split
 
     # margin_barrier_loss is a composite; the fused CUDA kernels are the kappa op's.
     if "fused" in args.impls and not torch._C._dispatch_has_kernel_for_dispatch_key("barrier_ops::kappa", "CUDA"):
@@ -187,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "causal": True,
         "warmup": args.warmup,
         "iters": args.iters,
+        "sdpa_value_split": _sdpa.SDPA_VALUE_SPLIT,
         "flop_count": "docs/math.md Cost section: barrier (fused, sdpa, reference) fwd 3dT^2, fwd+bwd 9.8dT^2; "
                       "attention 2dT^2 / 7dT^2 (per b,h)",
         "yardstick": "attention: F.scaled_dot_product_attention(q, k, v, is_causal=True) fwd+bwd",

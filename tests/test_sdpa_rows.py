@@ -405,3 +405,16 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g * 1.1
+
+
+def test_positions_outside_the_sequence_are_empty_slots():
+    # As the CUDA kernels read them (no device sync to check values): no error,
+    # finite values, and the other rows unchanged.
+    (q, k, v), mask = problem(torch.float32, masked=True)
+    inside = row_positions(2, 37, 6, empty=0, repeat=False, seed=8)
+    outside = torch.cat([inside, torch.tensor([[37, 1000], [-5, 37]])], dim=1)
+    rows = torch.cat([gather_rows(q, inside), torch.randn(2, 2, 2, 8).requires_grad_()], dim=2)
+    a = _sdpa.kappa_sdpa(gather_rows(q, inside), k, v, 0.35, "inclusive", mask, inside)
+    b = _sdpa.kappa_sdpa(rows, k, v, 0.35, "inclusive", mask, outside)
+    assert torch.isfinite(b).all()
+    assert_close(b[..., :6], a, 1e-6, "kappa at the rows inside")
