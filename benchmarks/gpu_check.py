@@ -811,7 +811,8 @@ def probe_kernel(name: str, fn: Callable[[], None], device: torch.device) -> str
 def split_rows(case: SplitCase, dtype: torch.dtype, device: torch.device, warmup: int, reps: int) -> List[Dict]:
     """One row per value-split variant: the SDPA calls and their kernels, which kernels can take
     every call, fwd and fwd+bwd time with PyTorch's choice and with each other available fused
-    kernel forced, and kappa's largest difference from the whole variant's."""
+    kernel forced, and kappa's and its gradients' largest differences from the whole variant's
+    (within the parity tolerances of the dtype, or the variant is not recommended)."""
     from barrier_ops import _sdpa
 
     dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
@@ -843,13 +844,21 @@ def split_rows(case: SplitCase, dtype: torch.dtype, device: torch.device, warmup
             torch.float16, torch.bfloat16), split=row["split"]))
         row["calls"] = sdpa_calls(fwd_bwd)
         row["kernels"] = " + ".join(c["kernel"] for c in row["calls"])
-        with torch.no_grad():
-            got = kappa().float()
+        value = kappa()
+        beta = torch.randn(value.shape, device=device, generator=torch.Generator(device=device).manual_seed(1))
+        got = [value.detach().float()] + [g.float() for g in torch.autograd.grad(
+            (value.float() * beta).sum(), (q, k, v))]
+        value = beta = None
         if row["split"] == "whole":
             whole_kappa = got
         if whole_kappa is not None:
-            row["kappa_rel_diff_vs_whole"] = max_rel_error(got, whole_kappa)
-            row["agrees"] = bool(row["kappa_rel_diff_vs_whole"] <= TOL.get(dtype_name, TOL["fp32"])["margin"])
+            tol = TOL.get(dtype_name, TOL["fp32"])
+            row["kappa_rel_diff_vs_whole"] = max_rel_error(got[0], whole_kappa[0])
+            row["grad_rel_diff_vs_whole"] = {n: max_rel_error(g, w) for n, g, w in
+                                             zip(("dq", "dk", "dv"), got[1:], whole_kappa[1:])}
+            row["agrees"] = bool(row["kappa_rel_diff_vs_whole"] <= tol["margin"]
+                                 and all(e <= tol["grad"] for e in row["grad_rel_diff_vs_whole"].values()))
+        got = None
         row["probe"] = {name: probe_kernel(name, fwd_bwd, device) for name in PROBE_KERNELS}
 
     def time_it(row):
@@ -1029,7 +1038,7 @@ def value_split_markdown(rows: List[Dict], rec: Dict) -> List[str]:
          "torch._fused_sdp_choice for each SDPA call (one per V' part). probe: the kernels that "
          "run every call alone (torch.nn.attention.sdpa_kernel), F flash, C cuDNN, E memory-efficient, "
          "M math. forced: fwd+bwd ms with another available kernel forced. diff: max|kappa - "
-         "kappa_whole| / max|kappa_whole|.", "",
+         "kappa_whole| / max|kappa_whole|, and the worst of dq, dk, dv likewise (a random weight per row).", "",
          "| case | split | q' / V' parts | kernels | probe F C E M | fwd ms | fwd+bwd ms | forced | diff |",
          "|---|---|---|---|---|---:|---:|---|---:|"]
     for r in rows:
@@ -1041,8 +1050,11 @@ def value_split_markdown(rows: List[Dict], rec: Dict) -> List[str]:
             continue
         probe = " ".join("y" if r["probe"].get(k) == "ok" else "-" for k in PROBE_KERNELS)
         forced = ", ".join(f"{k.split('_')[0].lower()} {ms:.2f}" for k, ms in r.get("forced_fwd_bwd_ms", {}).items())
+        grads = r.get("grad_rel_diff_vs_whole") or {}
+        diff = _fmt(r.get("kappa_rel_diff_vs_whole"), ".1e") + (
+            f" / {max(grads.values()):.1e}" if grads else "") + ("" if r.get("agrees", True) else " **disagrees**")
         L.append(f"| {r['case']} | {r['split']} | {shape} | {r['kernels']} | {probe} | {r['fwd_ms']:.3f} | "
-                 f"{r['fwd_bwd_ms']:.3f} | {forced} | {_fmt(r.get('kappa_rel_diff_vs_whole'), '.1e')} |")
+                 f"{r['fwd_bwd_ms']:.3f} | {forced} | {diff} |")
     if rec.get("fastest_seen"):
         L += ["", "Fastest seen per case (PyTorch's choice or forced): " + "; ".join(
             f"{c}: {f['split']} {f['kernels']} {f['fwd_bwd_ms']:.2f} ms" for c, f in rec["fastest_seen"].items())]

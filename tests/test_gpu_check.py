@@ -114,6 +114,8 @@ def test_value_split_rows_record_kernels_probes_and_agreement(smoke_report):
         assert r["probe"]["FLASH_ATTENTION"] == "ok" and r["probe"]["MATH"] == "ok"
         assert r["probe"]["EFFICIENT_ATTENTION"].startswith("unavailable")
         assert r["agrees"] and r["kappa_rel_diff_vs_whole"] <= 5e-4
+        assert set(r["grad_rel_diff_vs_whole"]) == {"dq", "dk", "dv"}
+        assert max(r["grad_rel_diff_vs_whole"].values()) <= 2e-3
         assert r["fwd_bwd_ms"] > 0
     equal = [r for r in rows if r["split"] == "equal" and "key-pad" not in r["case"]]
     assert all(len(r["calls"]) == 3 for r in equal)  # d = 16: V' 38 wide in parts of 16
