@@ -308,6 +308,17 @@ def margin_dtype(input_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
+def _concrete_on_cpu(t: torch.Tensor) -> bool:
+    """A CPU tensor with real values (not traced: compile, opcheck's fake and functional passes)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (
+        t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+        and not torch._is_functional_tensor(t)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 def check_query_positions(
     query_positions: torch.Tensor, B: int, T: int, device: torch.device
 ) -> torch.Tensor:
@@ -333,7 +344,7 @@ def check_query_positions(
             f"query_positions must be on q's device {device}, got {query_positions.device}"
         )
     in_range = (query_positions >= 0) & (query_positions < T)
-    if query_positions.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _concrete_on_cpu(query_positions):
         if not bool((in_range | (query_positions == -1)).all()):
             raise ValueError(
                 f"query_positions must hold positions in [0, T={T}) or -1 (empty slot), got values "

@@ -10,14 +10,12 @@ within 4.5 measured standard errors, element by element.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 
 import barrier_ops
-from barrier_ops import backends
 from barrier_ops.ops import (
     _OP_TAKES_ROWS,
     _margin_barrier_loss_impl,
@@ -32,47 +30,6 @@ from barrier_ops.options import ceil_fraction
 
 BACKENDS = ["fused", "sdpa"]
 CAUSAL = {True: "inclusive", False: "none", "strict": "strict"}
-
-
-# ---------------------------------------------------------------------------
-# Backends without a row set yet: a stand-in that computes every row and gathers.
-# ---------------------------------------------------------------------------
-
-
-def _takes_rows(name, fn) -> bool:
-    if "query_positions" not in inspect.signature(fn).parameters:
-        return False
-    if name == "fused":  # the compiled schema must take it too
-        schema = torch.ops.barrier_ops.kappa.default._schema
-        return "query_positions" in {a.name for a in schema.arguments}
-    return True
-
-
-def _full_then_gather(fn):
-    """A backend with the row-set contract, from one without: scatter the rows, run, gather."""
-
-    def rows_backend(q, k, w, scale, causal, key_padding_mask, query_positions=None):
-        if query_positions is None:
-            return fn(q, k, w, scale, causal, key_padding_mask)
-        B, H, R, d = q.shape
-        T = k.shape[2]
-        filled = query_positions >= 0
-        slot = torch.where(filled, query_positions, torch.full_like(query_positions, T))
-        full_q = q.new_zeros(B, H, T + 1, d).scatter(2, slot[:, None, :, None].expand(B, H, R, d), q)
-        kappa = fn(full_q[:, :, :T], k, w, scale, causal, key_padding_mask)
-        index = torch.where(filled, query_positions, torch.zeros_like(query_positions))
-        return kappa.gather(2, index[:, None, :].expand(B, H, R))
-
-    return rows_backend
-
-
-@pytest.fixture(autouse=True)
-def row_backends(monkeypatch):
-    """Until a backend takes query_positions, test the composite against the stand-in."""
-    for name, fn in list(backends.BACKENDS.items()):
-        if not _takes_rows(name, fn):
-            monkeypatch.setitem(backends.BACKENDS, name, _full_then_gather(fn))
-    yield
 
 
 # ---------------------------------------------------------------------------
