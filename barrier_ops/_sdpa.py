@@ -108,7 +108,9 @@ SDPA_VALUE_SPLIT: str = os.environ.get("BARRIER_OPS_SDPA_VALUE_SPLIT", "auto")
 # Nothing of the split has been timed on a GPU yet: "whole" (one SDPA call, as
 # before the split existed) until benchmarks/gpu_check.py measures otherwise.
 # On CPU "whole" is also the cheapest: the CPU flash kernel wants q, k and V'
-# of one width, so every part of a split pays a full QK^T.
+# of one width, so every part of a split pays a full QK^T (measured, one thread,
+# T = 1024, d = 64, fwd+bwd: float32 whole 112 ms, equal 156, narrow 193; bf16
+# 86, 135, 145; benchmarks/sdpa_outliers.py --bench-variants).
 AUTO_VALUE_SPLIT: Dict[str, str] = {"cpu": "whole", "cuda": "whole"}
 # cuDNN's head-dim limit in training (d_qk, d_v <= 128; 256 only with new cuDNN
 # on sm90/sm100 and then d_qk == d_v == 256), and the widest value the

@@ -6,9 +6,12 @@ offset by `offset` standard deviations in every coordinate; a second variant
 offsets the key only; a third has no sink but keys and values of std 20) and
 compares each backend's margins with the float64 reference on the same
 (rounded) inputs (B=2, H=4, T=256, d=64). It prints a table and writes JSON;
---bench times the sdpa backend instead.
+--bench times the sdpa backend instead; --bench-variants times its core
+(kappa_sdpa fwd+bwd) with a row set of T/8 rows against every row, and the
+value-split variants (whole / equal / narrow), interleaved, one thread.
 
     python3 benchmarks/sdpa_outliers.py [--out benchmarks/results/sdpa_outliers.json]
+    python3 benchmarks/sdpa_outliers.py --bench-variants [--out FILE.json]
 
 Error columns: the largest |m - m_ref| over tokens with |kappa_ref| < 2 (the
 ones near the boundary, where the barrier acts), and over all tokens relative
@@ -77,12 +80,73 @@ def bench(reps=15):
     return out
 
 
+def bench_variants(reps=7):
+    """ms per fwd+bwd of _sdpa.kappa_sdpa (min and median over interleaved reps, one thread):
+    every row vs a row set of T/8 sorted positions (T = 2048), and the value splits (T = 1024)."""
+    import math
+    import statistics
+    import time
+
+    from barrier_ops import _sdpa
+
+    def case(T, d, R, dtype, B=1, H=4):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        pos = None
+        if R:
+            pos = torch.stack([torch.randperm(T, generator=g)[:R].sort().values for _ in range(B)])
+
+        def run():
+            query = q if pos is None else q.gather(2, pos[:, None, :, None].expand(B, H, R, d))
+            kappa = _sdpa.kappa_sdpa(query, k, v.float(), 1 / math.sqrt(d), "inclusive", None, pos)
+            torch.autograd.grad(kappa.sum(), (q, k, v))
+        return run
+
+    def interleaved(fns):
+        times = {name: [] for name in fns}
+        for _ in range(reps + 1):  # the first round warms up
+            for name, (fn, split) in fns.items():
+                _sdpa.SDPA_VALUE_SPLIT = split
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        return {name: (min(t[1:]), statistics.median(t[1:])) for name, t in times.items()}
+
+    threads, saved = torch.get_num_threads(), _sdpa.SDPA_VALUE_SPLIT
+    torch.set_num_threads(1)
+    out = []
+    try:
+        groups = [("rows", torch.float32, 2048, {"every row": (case(2048, 64, 0, torch.float32), "whole"),
+                                                 "R = T/8": (case(2048, 64, 256, torch.float32), "whole")})]
+        for dtype in (torch.float32, torch.bfloat16):
+            run = case(1024, 64, 0, dtype)
+            groups.append(("split", dtype, 1024, {s: (run, s) for s in ("whole", "equal", "narrow")}))
+        for what, dtype, T, fns in groups:
+            for name, (best, median) in interleaved(fns).items():
+                out.append(dict(what=what, variant=name, dtype=str(dtype).replace("torch.", ""), B=1, H=4,
+                                T=T, d=64, min_ms=best, median_ms=median))
+                print(f"{what:5} {out[-1]['dtype']:>9} T{T:<5} d64 {name:10}: min {best:7.1f} ms, "
+                      f"median {median:7.1f} ms")
+    finally:
+        torch.set_num_threads(threads)
+        _sdpa.SDPA_VALUE_SPLIT = saved
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--offsets", default="0,5,10,30,40")
     parser.add_argument("--bench", action="store_true", help="time the sdpa backend only")
+    parser.add_argument("--bench-variants", action="store_true",
+                        help="time the sdpa core with a row set and with each value split")
     args = parser.parse_args(argv)
+    if args.bench_variants:
+        timings = bench_variants()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"torch": torch.__version__, "timings": timings}, f, indent=1)
+        return
     if args.bench:
         timings = bench()
         if args.out:
