@@ -111,7 +111,7 @@ def test_value_split_rows_record_kernels_probes_and_agreement(smoke_report):
         assert all(c["mask"] == ("rows=" in r["case"]) for c in r["calls"])
         # On CPU the flash kernel takes every layout (a math fallback would be a bug).
         assert r["kernels"].replace(" + ", "") == "FLASH_ATTENTION" * len(r["calls"]), r["kernels"]
-        assert r["probe"]["FLASH_ATTENTION"] == "ok" and r["probe"]["MATH"] == "ok"
+        assert r["probe"]["FLASH_ATTENTION"] == "ok"
         assert r["probe"]["EFFICIENT_ATTENTION"].startswith("unavailable")
         assert r["agrees"] and r["kappa_rel_diff_vs_whole"] <= 5e-4
         assert set(r["grad_rel_diff_vs_whole"]) == {"dq", "dk", "dv"}
