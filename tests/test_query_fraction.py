@@ -509,3 +509,61 @@ def test_experiment_model_attaches_with_query_fraction_and_measures_exactly():
     with measuring(model):
         assert handle.query_fraction == 1.0
     assert handle.query_fraction == 0.25
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_attach_sampled_nanogpt_compiles_fullgraph_and_matches_eager_rows():
+    """One graph with the draw inside; under aot_eager the global generator gives eager's rows."""
+    import copy
+
+    from _integration_helpers import tiny_nanogpt
+
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_nanogpt()
+    compiled_model = copy.deepcopy(model)
+    barrier_ops.attach(model, 0.3, coupling="weights", query_fraction=0.25)
+    handle = barrier_ops.attach(compiled_model, 0.3, coupling="weights", query_fraction=0.25)
+    torch.manual_seed(5)
+    _, loss = model(idx, idx)
+    loss.backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    _, closs = compiled(idx, idx)
+    closs.backward()
+    torch.testing.assert_close(closs, loss, rtol=0, atol=1e-9)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(_grads(compiled_model)[name], g, rtol=1e-7, atol=1e-9)
+    assert all(math.isfinite(v) for v in handle.stats.scalars().values())
+    explanation = torch._dynamo.explain(lambda i, t: compiled_model(i, t)[1])(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_attach_sampled_with_activation_checkpointing_draws_the_same_rows():
+    """The recomputation in the backward restores the RNG state: the same rows, the same gradients."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from _integration_helpers import tiny_llama
+
+    idx, mask = _gpt2_batch()
+    model = tiny_llama()
+    ckpt = copy.deepcopy(model)
+    barrier_ops.attach(model, 0.3, query_fraction=0.3)
+    barrier_ops.attach(ckpt, 0.3, query_fraction=0.3)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(), ckpt.train()
+    torch.manual_seed(9)
+    loss = model(input_ids=idx, attention_mask=mask, labels=idx).loss
+    loss.backward()
+    torch.manual_seed(9)
+    closs = ckpt(input_ids=idx, attention_mask=mask, labels=idx).loss
+    closs.backward()
+    torch.testing.assert_close(closs, loss, rtol=0, atol=1e-9)
+    grads, cgrads = _grads(model), _grads(ckpt)
+    assert grads.keys() == cgrads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(cgrads[name], g, rtol=1e-7, atol=1e-9)
