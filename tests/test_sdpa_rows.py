@@ -418,3 +418,27 @@ def test_positions_outside_the_sequence_are_empty_slots():
     b = _sdpa.kappa_sdpa(rows, k, v, 0.35, "inclusive", mask, outside)
     assert torch.isfinite(b).all()
     assert_close(b[..., :6], a, 1e-6, "kappa at the rows inside")
+
+
+def _fp16_rows_with_huge_keys_and_values():
+    # Keys and values of std 80: g = <k, w> of the centred rest reaches ~4e5,
+    # past float16's 65504. The power-of-two column scaling keeps V' in range,
+    # so every kappa is finite (its accuracy is the documented 16-bit limit when
+    # every key is large, not asserted here).
+    g = torch.Generator().manual_seed(0)
+    q = 0.05 * torch.randn(2, 2, 96, 64, generator=g, dtype=torch.float64)
+    k, v = (80 * torch.randn(2, 2, 96, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    q, k, v = (t.half() for t in (q, k, v))
+    with torch.no_grad():
+        got = sdpa_rows(q, k, v, "inclusive", None, row_positions(2, 96, 24, seed=3), 1 / 8)
+    assert torch.isfinite(got).all()
+
+
+def test_fp16_rows_with_huge_keys_and_values_stay_finite():
+    _fp16_rows_with_huge_keys_and_values()
+
+
+def test_the_finiteness_check_catches_a_missing_power_of_two_scaling(monkeypatch):
+    monkeypatch.setattr(_sdpa, "_pow2_scale", lambda x: torch.ones(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype))
+    with pytest.raises(AssertionError):
+        _fp16_rows_with_huge_keys_and_values()
