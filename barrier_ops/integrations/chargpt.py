@@ -74,12 +74,13 @@ def record_qkv(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     handle._record(state, q, k, v, scale=scale, causal=causal, key_padding_mask=None, module=module)
     if getattr(handle, "keep_margins", False) and handle._state.collecting:
         coupling = None if state.coupling_fn is None else state.coupling_fn(module, q.shape[1], q.dtype)
-        with torch.no_grad():
+        options = handle.options
+        with torch.no_grad():  # every token's margin, whatever the barrier's query_fraction
             m = token_margins(
                 q.detach(), k.detach(), v.detach(),
                 coupling=None if coupling is None else coupling.detach(), scale=scale,
-                causal=causal if handle.causal is None else handle.causal,
-                combine_heads=handle.combine_heads, backend=handle.backend,
+                causal=causal if options.causal is None else options.causal,
+                combine_heads=options.combine_heads, backend=options.backend,
             )
         handle.last_margins.append(m)
 
