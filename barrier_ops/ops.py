@@ -477,7 +477,7 @@ def margin_barrier_loss(
         generator: the ``torch.Generator`` the rows are drawn from (on q's
             device); None uses torch's global generator (reproducible under
             ``torch.manual_seed``; the one to use under torch.compile).
-            Unused when ``query_fraction == 1``.
+            Checked, but unused, when ``query_fraction == 1``.
 
     Returns:
         A scalar (or ``[B, H, T]`` / ``[B, T]`` for ``"none"``), float32
@@ -502,10 +502,10 @@ def _margin_barrier_loss(q, k, v, coupling, scale, key_padding_mask, options, ca
         options.combine_heads, eps, options.target_margin, _checks.check_reduction(reduction),
         options.backend,
     )
+    _check_generator(generator, q.device)
     direct = _under_grad_transform()
     if not options.sampled:
         return (_margin_barrier_loss_impl if direct else _ops.margin_barrier_loss.default)(*args)
-    _check_generator(generator, q.device)
     valid = valid_positions(q.shape[0], q.shape[2], causal, key_padding_mask, q.device)
     rows = sample_query_positions(valid, options.query_fraction, generator)
     if direct or not _OP_TAKES_ROWS:
@@ -562,13 +562,13 @@ def _barrier_and_margins(q, k, v, coupling, scale, key_padding_mask, options, ca
         options = options.replace(eps=eps)
     _checks.check_reduction(reduction)
     scale = _checks.resolve_scale(scale, q.shape[-1])
+    _check_generator(generator, q.device)
     valid = valid_positions(q.shape[0], q.shape[2], causal, key_padding_mask, q.device)
     if not options.sampled:
         op = _token_margins_impl if _under_grad_transform() else _ops.token_margins.default
         margins = op(q, k, v, coupling, scale, causal, key_padding_mask, options.combine_heads,
                      options.backend)
         return _reduce_barrier(margins, valid, options, reduction), margins
-    _check_generator(generator, q.device)
     _checks.check_causal_mode(causal)
     rows = sample_query_positions(valid, options.query_fraction, generator)
     kappa, valid_rows, valid = _kappa_and_validity(

@@ -279,8 +279,11 @@ def test_query_fraction_wrong_type(bad):
 
 def test_generator_errors():
     q, k, v, _ = make_inputs()
-    with pytest.raises(TypeError, match="generator"):
-        margin_barrier_loss(q, k, v, query_fraction=0.5, generator=3)
+    for f in (0.5, 1.0):
+        with pytest.raises(TypeError, match="generator"):
+            margin_barrier_loss(q, k, v, query_fraction=f, generator=3)
+        with pytest.raises(TypeError, match="generator"):
+            barrier_and_margins(q, k, v, query_fraction=f, generator="seed")
     valid = torch.ones(2, 5, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="generator must be on the device"):
         sample_query_positions(valid, 0.5, generator=torch.Generator())
