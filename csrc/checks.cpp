@@ -27,12 +27,13 @@ void check_mask(const std::optional<at::Tensor>& key_padding_mask, int64_t B, in
                     "'s device ", device, ", got ", mask.device());
 }
 
-// The row set: int64 [B, R] on q's device; on the CPU every value in [-1, T).
-// On CUDA the value check would cost a device sync, and the kernels treat any
-// value outside [0, T) as an empty slot instead, so a bad value cannot read
-// out of bounds there either.
+// The row set: int64 [B, R] on q's device. Its values are checked by the CPU
+// core (check_positions_in_range in csrc/cpu/kappa_cpu.cpp: every value in
+// [-1, T)); on CUDA that check would cost a device sync, and the kernels
+// treat any value outside [0, T) as an empty slot instead, so a bad value
+// cannot read out of bounds there either.
 void check_query_positions(const std::optional<at::Tensor>& query_positions,
-                           const at::Tensor& q, int64_t T) {
+                           const at::Tensor& q) {
   if (!query_positions.has_value()) return;
   const at::Tensor& positions = *query_positions;
   TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong,
@@ -44,13 +45,6 @@ void check_query_positions(const std::optional<at::Tensor>& query_positions,
                     "] (R = q.size(2), the number of query rows), got ", positions.sizes());
   TORCH_CHECK_VALUE(positions.device() == q.device(), "query_positions must be on q's device ",
                     q.device(), ", got ", positions.device());
-  if (positions.device().is_cpu() && positions.numel() > 0) {
-    const auto [low, high] = at::aminmax(positions);
-    const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= -1 && hi < T,
-                      "query_positions must hold positions in [0, T) or -1 for an empty slot "
-                      "(T=", T, "), got values in [", lo, ", ", hi, "]");
-  }
 }
 
 }  // namespace
@@ -87,7 +81,7 @@ void check_kappa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   TORCH_CHECK_VALUE(q.size(3) >= 1, "the head dim d must be at least 1");
   check_mask(key_padding_mask, k.size(0), k.size(2), q.device(), "q");
-  check_query_positions(query_positions, q, k.size(2));
+  check_query_positions(query_positions, q);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ",
                     scale);
 }

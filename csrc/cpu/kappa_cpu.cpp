@@ -47,17 +47,42 @@ at::Tensor real_rows(const KappaProblem& problem) {
   return mask.defined() ? mask.view({problem.B(), 1, problem.T(), 1}) : at::Tensor();
 }
 
-// [B, 1, R, 1] bool: query row r is a query (a real position, not an empty
-// slot), or undefined when every row is one. Without a row set this is
-// real_rows.
+// Whether a row at position pos is a query: not an empty slot (pos >= 0; CPU
+// row sets are checked to lie in [-1, T)) and a real token.
+inline bool is_query_position(int64_t pos, const bool* mask_row) {
+  return pos >= 0 && (mask_row == nullptr || mask_row[pos]);
+}
+
+// The CPU cores read through every position (the mask, the causal range), so
+// the row set's values are checked here, before any read: -1 (an empty slot)
+// or a position in [0, T).
+void check_positions_in_range(const KappaProblem& problem) {
+  const int64_t* positions = problem.positions_ptr();
+  if (positions == nullptr) return;
+  const int64_t n = problem.B() * problem.R(), T = problem.T();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(positions[i] >= -1 && positions[i] < T,
+                      "query_positions must hold positions in [0, T) or -1 for an empty slot (T=",
+                      T, "), got ", positions[i], " at [", i / problem.R(), ", ",
+                      i % problem.R(), "]");
+  }
+}
+
+// [B, 1, R, 1] bool: row r holds a query (not an empty slot, a real token),
+// or undefined when every row does. Without a row set this is real_rows.
 at::Tensor query_rows(const KappaProblem& problem) {
   if (!problem.has_row_set()) return real_rows(problem);
-  const at::Tensor& positions = problem.query_positions;  // checked: values in [-1, T)
-  at::Tensor is_query = positions.ge(0);
-  if (problem.key_padding_mask.defined() && problem.T() > 0) {
-    is_query = is_query & problem.key_padding_mask.gather(1, positions.clamp_min(0));
+  const int64_t B = problem.B(), R = problem.R(), T = problem.T();
+  at::Tensor is_query = at::empty({B, 1, R, 1}, problem.q.options().dtype(at::kBool));
+  bool* out = is_query.data_ptr<bool>();
+  const int64_t* positions = problem.positions_ptr();
+  const bool* mask = problem.mask_ptr();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r = 0; r < R; ++r) {
+      out[b * R + r] = is_query_position(positions[b * R + r], mask ? mask + b * T : nullptr);
+    }
   }
-  return is_query.view({problem.B(), 1, problem.R(), 1});
+  return is_query;
 }
 
 // q in the accumulation dtype with the rows that are no query zeroed (a
@@ -66,12 +91,6 @@ at::Tensor queries_in(const KappaProblem& problem, at::ScalarType acc) {
   at::Tensor q = problem.q.to(acc);
   const at::Tensor real = query_rows(problem);
   return (real.defined() ? at::where(real, q, 0.0) : q).contiguous();
-}
-
-// Whether a row at position pos is a query: not an empty slot (pos >= 0; CPU
-// row sets are checked to lie in [-1, T)) and a real token.
-inline bool is_query_position(int64_t pos, const bool* mask_row) {
-  return pos >= 0 && (mask_row == nullptr || mask_row[pos]);
 }
 
 // Keys s < row_key_end(causal, pos, T) may be allowed for a row at position
@@ -346,13 +365,15 @@ namespace {
 // (rows that are no query zeroed) and the keys packed per head as [k | w | g].
 struct CpuOperands {
   explicit CpuOperands(const KappaProblem& problem)
-      : B(problem.B()), H(problem.H()), T(problem.T()), R(problem.R()), d(problem.d()),
+      : checked((check_positions_in_range(problem), true)),
+        B(problem.B()), H(problem.H()), T(problem.T()), R(problem.R()), d(problem.d()),
         width(2 * d + 1),
         scale(problem.scale), causal(problem.causal),
         acc(accumulation_dtype(problem.q.scalar_type())),
         opts(problem.q.options().dtype(acc)),
         q(queries_in(problem, acc)),
         packed(pack_keys(problem.k, problem.w, real_rows(problem))) {}
+  const bool checked;  // the row set's values, before q is gathered from them
   const int64_t B, H, T, R, d, width;  // T keys, R query rows
   const double scale;
   const CausalMode causal;
