@@ -7,8 +7,13 @@
 //   key kernel   (CTA = block of keys of one (b, h), streams query blocks):
 //     dk_s = c sum_t dz_ts q_t + coef_s (w_s - mu_w) - sum_t Pb_ts (wbar_t - mu_w)
 //     dw_s = coef_s (k_s - mu_k) - sum_t Pb_ts (kbar_t - mu_k),  coef_s = sum_t Pb_ts
-//   query kernel (CTA = block of queries, streams key blocks):
+//   query kernel (CTA = block of query rows, streams key blocks):
 //     dq_t = c^2 beta_t sum_s a_ts (k_s - mu_k),   a_ts = alpha_ts (h_ts - hbar_t)
+// With a row set (KappaProblem::query_positions) the query side has R rows,
+// each at its own position: causality reads the position, the key kernel
+// streams all R rows and skips the blocks none of whose active rows sees its
+// keys, and a row that is no query has beta_c = 0 (prepare_rows), so neither
+// kernel reads through its position.
 // with Pb_ts = beta_t c alpha_ts, dz_ts = Pb_ts (h_ts - hbar_t) and
 // h_ts = gc_s - <kbarc_t, w_s> - <wbarc_t, k_s> (shared/spec/barrier-math.md,
 // "Gradients", with the centring of kernel_common.cuh: sum_t Pb_ts mu = coef_s mu
@@ -46,29 +51,32 @@ namespace {
 template <typename in_t>
 struct BackwardParams {
   using acc_t = typename Traits<in_t>::acc_t;
-  const in_t* q;           // [B, H, T, d]
-  const in_t* k;           // [B, H, T, d]  (one slice per query head)
-  const in_t* w;           // [B, H, T, d]
-  const acc_t* stats;      // [B, H, T, 2d]  [kbar | wbar]
-  const acc_t* lse;        // [B, H, T]
-  const acc_t* g;          // [B, H, T]  gc = <k - mu_k, w - mu_w>
-  const acc_t* hbar;       // [B, H, T]  (prepare_rows)
-  const acc_t* beta_c;     // [B, H, T]  beta * c at active rows, else 0
-  const acc_t* beta_amax;  // [B, H]     max_t |beta_c| (NaN if any is NaN)
-  const acc_t* mu;         // [B, H, 2d] [mu_k | mu_w]
-  const bool* mask;        // [B, T] or nullptr
-  acc_t* dq;               // [B, H, T, d]
-  acc_t* dk;               // [B, H, T, d]
-  acc_t* dw;               // [B, H, T, d]
-  int64_t T;
-  int H, d, n_blocks;
+  const in_t* q;             // [B, H, R, d]  (R = T without a row set)
+  const in_t* k;             // [B, H, T, d]  (one slice per query head)
+  const in_t* w;             // [B, H, T, d]
+  const acc_t* stats;        // [B, H, R, 2d]  [kbar | wbar]
+  const acc_t* lse;          // [B, H, R]
+  const acc_t* g;            // [B, H, T]  gc = <k - mu_k, w - mu_w>
+  const acc_t* hbar;         // [B, H, R]  (prepare_rows)
+  const acc_t* beta_c;       // [B, H, R]  beta * c at active rows, else 0
+  const acc_t* beta_amax;    // [B, H]     max_t |beta_c| (NaN if any is NaN)
+  const acc_t* mu;           // [B, H, 2d] [mu_k | mu_w]
+  const bool* mask;          // [B, T] or nullptr
+  const int64_t* positions;  // [B, R] or nullptr (row r is position r)
+  acc_t* dq;                 // [B, H, R, d]
+  acc_t* dk;                 // [B, H, T, d]
+  acc_t* dw;                 // [B, H, T, d]
+  int64_t T, n_rows;         // keys, query rows (R)
+  int H, d;
+  int n_blocks;              // key blocks (key kernel)
+  int n_row_blocks;          // query row blocks (query kernel)
   acc_t scale;
   int causal;  // CausalMode: 0 none, 1 inclusive, 2 strict
 };
 
 // The bar tiles of rows [t0, t0 + rows): r(kbar - mu_k) and r(wbar - mu_w)
 // (rounded to the input dtype exactly as prepare_rows rounds them for hbar),
-// zero past T and in the padding columns.
+// zero past the last row (T: the row count) and in the padding columns.
 template <int D, int kThreads, typename in_t, typename acc_t>
 __device__ __forceinline__ void load_bar_tiles(in_t* KBs, in_t* WBs, int ld,
                                                const acc_t* stats_bh, const acc_t* mu_bh,
@@ -102,7 +110,7 @@ struct BackwardConfig {
   // score / cross tiles and the A operands of the accumulating products (key
   // kernel c dz and -Pb; query kernel c dz).
   struct Layout {
-    size_t own0, own1, own2, str0, str1, str2, s, c, a0, a1, v0, v1, v2, bytes;
+    size_t own0, own1, own2, str0, str1, str2, s, c, a0, a1, v0, v1, v2, v3, bytes;
   };
   __host__ __device__ static constexpr Layout layout(bool key_kernel) {
     SmemCarver c;
@@ -120,6 +128,7 @@ struct BackwardConfig {
     l.v0 = c.take<acc_t>(N);
     l.v1 = c.take<acc_t>(N);
     l.v2 = c.take<acc_t>(N);
+    l.v3 = c.take<int64_t>(key_kernel ? N : 0);
     l.bytes = align_up(c.offset, 128);
     return l;
   }
@@ -150,8 +159,9 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   acc_t* lse_s = reinterpret_cast<acc_t*>(smem + L.v0);
   acc_t* hbar_s = reinterpret_cast<acc_t*>(smem + L.v1);
   acc_t* betac_s = reinterpret_cast<acc_t*>(smem + L.v2);
+  int64_t* pos_s = reinterpret_cast<int64_t*>(smem + L.v3);  // streamed rows' positions
 
-  const int64_t T = p.T;
+  const int64_t T = p.T, n_rows = p.n_rows;
   const int d = p.d;
   const int kb = static_cast<int>(blockIdx.x % p.n_blocks);
   const int64_t bh = blockIdx.x / p.n_blocks;
@@ -161,6 +171,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   const int row = 16 * warp + (lane >> 1), half = lane & 1;
   const int64_t s = s0 + row;  // this lane pair's key
   const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
+  const int64_t* positions_b = p.positions ? p.positions + b * n_rows : nullptr;
   const bool key_ok = s < T && (mask_row == nullptr || mask_row[s]);
   const acc_t g_s = key_ok ? p.g[bh * T + s] : acc_t(0);
 
@@ -173,9 +184,13 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   load_tile<D, kThreads>(Ws, LDD, p.w + bh * T * d, s0, R, T, d, mask_row);
   // Keys that are all padding (or past T) get zero gradients without a loop.
   const bool any_key = __syncthreads_or(key_ok);
-  // Causal: only queries t >= s0 + diag see these keys.
+  // Causal: only queries t >= s0 + diag see these keys. With a row set the
+  // rows are in any order: every block of rows is visited, and those whose
+  // active rows all end before s0 are skipped below.
   const int64_t u_begin =
-      !any_key ? T : (p.causal != 0 ? ((s0 + causal_diag(p.causal)) / N) * N : 0);
+      !any_key                 ? n_rows
+      : positions_b != nullptr ? 0
+                               : (p.causal != 0 ? ((s0 + causal_diag(p.causal)) / N) * N : 0);
 
   const in_t* K_warp = Ks + 16 * warp * LDD;
   const in_t* W_warp = Ws + 16 * warp * LDD;
@@ -192,22 +207,28 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   }
   acc_t coef = 0;
 
-  for (int64_t u0 = u_begin; u0 < T; u0 += N) {
+  for (int64_t u0 = u_begin; u0 < n_rows; u0 += N) {
     __syncthreads();  // the previous step's streamed tiles are no longer read
-    // Padded queries load as zeros: their dz is 0, and 0 * NaN would poison
-    // the whole key block's dk.
-    load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, u0, N, T, d, mask_row);
+    // Padded queries and empty slots load as zeros: their dz is 0, and
+    // 0 * NaN would poison the whole key block's dk.
+    load_query_tile<D, kThreads>(Qs, LDD, p.q + bh * n_rows * d, u0, N, n_rows, T, d,
+                                 positions_b, mask_row);
     bool active = false;
     for (int j = threadIdx.x; j < N; j += kThreads) {
       const int64_t t = u0 + j;
-      const bool in_range = t < T;
-      lse_s[j] = in_range ? p.lse[bh * T + t] : -std::numeric_limits<acc_t>::infinity();
-      hbar_s[j] = in_range ? p.hbar[bh * T + t] : acc_t(0);
-      const acc_t bc = in_range ? p.beta_c[bh * T + t] : acc_t(0);
+      const bool in_range = t < n_rows;
+      lse_s[j] = in_range ? p.lse[bh * n_rows + t] : -std::numeric_limits<acc_t>::infinity();
+      hbar_s[j] = in_range ? p.hbar[bh * n_rows + t] : acc_t(0);
+      const acc_t bc = in_range ? p.beta_c[bh * n_rows + t] : acc_t(0);
+      // An active row's position is in [0, T) (prepare_rows); others are not read.
+      const int64_t pos = in_range ? query_position(positions_b, t) : -1;
+      pos_s[j] = pos;
       betac_s[j] = bc * pscale;
-      active = active || bc != acc_t(0);
+      active = active || (bc != acc_t(0) &&
+                          (positions_b == nullptr || causal_end(p.causal, pos, T) > s0));
     }
-    load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * T * 2 * d, mu_bh, u0, N, T, d);
+    load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * n_rows * 2 * d, mu_bh, u0, N,
+                                n_rows, d);
     // Query blocks in which no query has a gradient contribute nothing.
     if (!__syncthreads_or(active)) continue;
 
@@ -228,9 +249,8 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     }
     __syncwarp();
     for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
-      const int64_t t = u0 + j;
       acc_t pb = 0, dz = 0;  // both scaled by 2^e
-      if (key_ok && betac_s[j] != acc_t(0) && causally_allowed(p.causal, s, t)) {
+      if (key_ok && betac_s[j] != acc_t(0) && causally_allowed(p.causal, s, pos_s[j])) {
         const int r = lane >> 1;
         const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - lse_s[j]);
         pb = betac_s[j] * alpha;
@@ -300,30 +320,47 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
   acc_t* gs = reinterpret_cast<acc_t*>(smem + L.v0);
   int* key_ok = reinterpret_cast<int*>(smem + L.v1);  // N ints fit in N acc_t
 
-  const int64_t T = p.T;
+  const int64_t T = p.T, n_rows = p.n_rows;
   const int d = p.d;
   // Heavy (late, causal) query blocks first.
-  const int qb = p.n_blocks - 1 - static_cast<int>(blockIdx.x % p.n_blocks);
-  const int64_t bh = blockIdx.x / p.n_blocks;
+  const int qb = p.n_row_blocks - 1 - static_cast<int>(blockIdx.x % p.n_row_blocks);
+  const int64_t bh = blockIdx.x / p.n_row_blocks;
   const int64_t b = bh / p.H;
   const int64_t t0 = static_cast<int64_t>(qb) * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = 16 * warp + (lane >> 1), half = lane & 1;
-  const int64_t t = t0 + row;
+  const int64_t t = t0 + row;  // the row; its query sits at position pos
   const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
-  const bool in_range = t < T;
-  const acc_t row_lse = in_range ? p.lse[bh * T + t] : acc_t(0);
-  const acc_t row_hbar = in_range ? p.hbar[bh * T + t] : acc_t(0);
-  const acc_t row_betac = in_range ? p.beta_c[bh * T + t] : acc_t(0);
+  const int64_t* positions_b = p.positions ? p.positions + b * n_rows : nullptr;
+  const bool in_range = t < n_rows;
+  const acc_t row_lse = in_range ? p.lse[bh * n_rows + t] : acc_t(0);
+  const acc_t row_hbar = in_range ? p.hbar[bh * n_rows + t] : acc_t(0);
+  const acc_t row_betac = in_range ? p.beta_c[bh * n_rows + t] : acc_t(0);
+  // An active row's position is in [0, T) (prepare_rows).
   const bool active = row_betac != acc_t(0);
+  const int64_t pos = in_range ? query_position(positions_b, t) : -1;
 
+  // With a row set, the block's keys end at the largest position of its
+  // active rows (rows in any order).
+  __shared__ unsigned long long rows_key_end;
+  if (positions_b != nullptr) {
+    if (threadIdx.x == 0) rows_key_end = 0;
+    __syncthreads();
+    if (half == 0 && active) {
+      atomicMax(&rows_key_end, static_cast<unsigned long long>(causal_end(p.causal, pos, T)));
+    }
+  }
   const acc_t* mu_bh = p.mu + bh * 2 * d;
-  // Padded query rows load as zeros (their dq is 0 either way).
-  load_tile<D, kThreads>(Qs, LDD, p.q + bh * T * d, t0, R, T, d, mask_row);
-  load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * T * 2 * d, mu_bh, t0, R, T, d);
+  // Padded query rows and empty slots load as zeros (their dq is 0 either way).
+  load_query_tile<D, kThreads>(Qs, LDD, p.q + bh * n_rows * d, t0, R, n_rows, T, d, positions_b,
+                               mask_row);
+  load_bar_tiles<D, kThreads>(KBs, WBs, LDD, p.stats + bh * n_rows * 2 * d, mu_bh, t0, R, n_rows,
+                              d);
   const bool any_active = __syncthreads_or(active);
   const int64_t key_end =
-      !any_active ? 0 : (p.causal != 0 ? min(T, t0 + R - causal_diag(p.causal)) : T);
+      !any_active              ? 0
+      : positions_b != nullptr ? static_cast<int64_t>(rows_key_end)
+                               : (p.causal != 0 ? min(T, t0 + R - causal_diag(p.causal)) : T);
 
   const in_t* Q_warp = Qs + 16 * warp * LDD;
   const in_t* KB_warp = KBs + 16 * warp * LDD;
@@ -367,7 +404,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
     for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) {
       const int64_t s = s0 + j;
       acc_t a = 0;  // alpha (h - hbar): beta is applied in the epilogue
-      if (active && key_ok[j] != 0 && causally_allowed(p.causal, s, t)) {
+      if (active && key_ok[j] != 0 && causally_allowed(p.causal, s, pos)) {
         const int r = lane >> 1;
         const acc_t alpha = acc_exp(p.scale * S_warp[r * LDS + j] - row_lse);
         a = alpha * (gs[j] - C_warp[r * LDS + j] - row_hbar);
@@ -388,7 +425,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
 
   // dq_t = beta_t c (sum_s r(c a_ts) k_s - mu_k sum_s r(c a_ts)).
   a_sum += shfl_xor(a_sum, 1);
-  acc_t* dq_row = p.dq + (bh * T + t) * d;
+  acc_t* dq_row = p.dq + (bh * n_rows + t) * d;
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) {
     acc_t v[8];
@@ -396,7 +433,7 @@ __global__ void __launch_bounds__(BackwardConfig<in_t, D>::kThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int col = j * 16 + half * 8 + i;
-      if (t < T && col < d) {
+      if (t < n_rows && col < d) {
         dq_row[col] = active ? row_betac * (v[i] - mu_bh[col] * a_sum) : acc_t(0);
       }
     }
@@ -417,9 +454,15 @@ void launch_backward(BackwardParams<in_t> p, int64_t BH) {
   using Cfg = BackwardConfig<in_t, D>;
   constexpr size_t query_smem = Cfg::layout(false).bytes, key_smem = Cfg::layout(true).bytes;
   p.n_blocks = static_cast<int>((p.T + Cfg::R - 1) / Cfg::R);
-  const int64_t blocks = BH * p.n_blocks;
-  launch<in_t>(&kappa_backward_query_kernel<in_t, D>, query_smem, Cfg::kThreads, blocks, p);
-  launch<in_t>(&kappa_backward_key_kernel<in_t, D>, key_smem, Cfg::kThreads, blocks, p);
+  p.n_row_blocks = static_cast<int>((p.n_rows + Cfg::R - 1) / Cfg::R);
+  if (p.n_row_blocks > 0) {
+    launch<in_t>(&kappa_backward_query_kernel<in_t, D>, query_smem, Cfg::kThreads,
+                 BH * p.n_row_blocks, p);
+  }
+  if (p.n_blocks > 0) {
+    launch<in_t>(&kappa_backward_key_kernel<in_t, D>, key_smem, Cfg::kThreads, BH * p.n_blocks,
+                 p);
+  }
 }
 
 }  // namespace
@@ -432,20 +475,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(const KappaPr
   const c10::cuda::CUDAGuard device_guard(problem.q.device());
   cuda::check_core_inputs(problem.q);
   const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const int64_t R = problem.R();  // query rows (T without a row set)
   const auto acc = accumulation_dtype(problem.q.scalar_type());
   const auto opts = problem.q.options().dtype(acc);
   // Every element is written by the kernels (zeros where nothing flows).
-  at::Tensor dq = at::empty({B, H, T, d}, opts);
+  // No keys (no gradient reaches a row) or no rows (an empty row set): zeros.
+  if (B * H * T == 0 || R == 0) {
+    return {at::zeros({B, H, R, d}, opts), at::zeros({B, H, T, d}, opts),
+            at::zeros({B, H, T, d}, opts)};
+  }
+  at::Tensor dq = at::empty({B, H, R, d}, opts);
   at::Tensor dk = at::empty({B, H, T, d}, opts);
   at::Tensor dw = at::empty({B, H, T, d}, opts);
-  if (B * H * T == 0) return {dq, dk, dw};
   const at::Tensor beta = grad_kappa.to(acc).contiguous();
   const KappaState st{state.kappa.contiguous(), state.lse.contiguous(),
                       state.stats.contiguous()};
   const at::Tensor mu = cuda::key_value_means(problem);
   at::Tensor g = at::empty({B, H, T}, opts);
-  at::Tensor hbar = at::empty({B, H, T}, opts);
-  at::Tensor beta_c = at::empty({B, H, T}, opts);
+  at::Tensor hbar = at::empty({B, H, R}, opts);
+  at::Tensor beta_c = at::empty({B, H, R}, opts);
   cuda::prepare_rows(problem, mu, &st, beta, g, hbar, beta_c);
   // max over t of |beta_t c| per (b, h); NaN propagates (the kernel then uses 1).
   const at::Tensor beta_amax = beta_c.abs().amax({2});
@@ -465,13 +513,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda(const KappaPr
     p.beta_amax = beta_amax.const_data_ptr<acc_t>();
     p.mu = mu.const_data_ptr<acc_t>();
     p.mask = problem.mask_ptr();
+    p.positions = problem.positions_ptr();
     p.dq = dq.data_ptr<acc_t>();
     p.dk = dk.data_ptr<acc_t>();
     p.dw = dw.data_ptr<acc_t>();
     p.T = T;
+    p.n_rows = R;
     p.H = static_cast<int>(H);
     p.d = static_cast<int>(d);
     p.n_blocks = 0;
+    p.n_row_blocks = 0;
     p.scale = static_cast<acc_t>(problem.scale);
     p.causal = static_cast<int>(problem.causal);
     if (d <= 64) {

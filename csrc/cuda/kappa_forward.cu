@@ -61,16 +61,17 @@ struct ForwardConfig {
 template <typename in_t>
 struct ForwardParams {
   using acc_t = typename Traits<in_t>::acc_t;
-  const in_t* q;      // [B, H, T, d]
-  const in_t* k;      // [B, H, T, d]  (one slice per query head)
-  const in_t* w;      // [B, H, T, d]
-  const acc_t* g;     // [B, H, T]  gc_s = <k_s - mu_k, w_s - mu_w>
-  const acc_t* mu;    // [B, H, 2d] [mu_k | mu_w]
-  const bool* mask;   // [B, T] or nullptr
-  acc_t* kappa;       // [B, H, T]
-  acc_t* lse;         // [B, H, T]
-  acc_t* stats;       // [B, H, T, 2d]
-  int64_t T;
+  const in_t* q;             // [B, H, R, d]  (R = T without a row set)
+  const in_t* k;             // [B, H, T, d]  (one slice per query head)
+  const in_t* w;             // [B, H, T, d]
+  const acc_t* g;            // [B, H, T]  gc_s = <k_s - mu_k, w_s - mu_w>
+  const acc_t* mu;           // [B, H, 2d] [mu_k | mu_w]
+  const bool* mask;          // [B, T] or nullptr
+  const int64_t* positions;  // [B, R] or nullptr (row r is position r)
+  acc_t* kappa;              // [B, H, R]
+  acc_t* lse;                // [B, H, R]
+  acc_t* stats;              // [B, H, R, 2d]
+  int64_t T, n_rows;         // keys, query rows (R)
   int H, d, n_qblocks;
   acc_t scale;
   int causal;  // CausalMode: 0 none, 1 inclusive, 2 strict
@@ -95,36 +96,55 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   int* key_ok = reinterpret_cast<int*>(smem + L.key_ok);
 
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t T = p.T;
+  const int64_t T = p.T, n_rows = p.n_rows;
   const int d = p.d;
   // Heavy (late, causal) query blocks first: they take the most key blocks.
   const int qb = p.n_qblocks - 1 - static_cast<int>(blockIdx.x % p.n_qblocks);
   const int64_t bh = blockIdx.x / p.n_qblocks;
   const int64_t b = bh / p.H;
-  const int64_t t0 = static_cast<int64_t>(qb) * BQ;
+  const int64_t t0 = static_cast<int64_t>(qb) * BQ;  // the block's first row
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  const in_t* q_bh = p.q + bh * T * d;
+  const in_t* q_bh = p.q + bh * n_rows * d;
   const in_t* k_bh = p.k + bh * T * d;
   const in_t* w_bh = p.w + bh * T * d;
   const acc_t* g_bh = p.g + bh * T;
   const bool* mask_row = p.mask ? p.mask + b * T : nullptr;
+  const int64_t* positions_b = p.positions ? p.positions + b * n_rows : nullptr;
 
   // Softmax-stage ownership: lane pair (2r, 2r+1) of a warp owns row r of the
   // warp's 16 rows, each lane half of the key columns.
   const int row = 16 * warp + (lane >> 1);
   const int half = lane & 1;
-  const int64_t t = t0 + row;
-  const bool query_real = t < T && (mask_row == nullptr || mask_row[t]);
+  const int64_t t = t0 + row;  // the output row; its query sits at position pos
+  const int64_t pos = t < n_rows ? query_position(positions_b, t) : -1;
+  // A row whose position is outside [0, T) (past the rows, an empty slot or a
+  // bad value) sees no key; without a row set this is t < T.
+  const bool row_in_range = t < n_rows && pos >= 0 && pos < T;
+  const bool query_real = row_in_range && (mask_row == nullptr || mask_row[pos]);
 
-  // Padded query rows load as zeros: their (unused) logits stay finite.
-  load_tile<D, kThreads>(Qs, LDD, q_bh, t0, BQ, T, d, mask_row);
+  // With a row set, the block's keys end at its largest position (rows in
+  // any order); the CTA-wide maximum is gathered during the tile load.
+  __shared__ unsigned long long rows_key_end;
+  if (positions_b != nullptr) {
+    if (threadIdx.x == 0) rows_key_end = 0;
+    __syncthreads();
+    if (half == 0 && row_in_range) {
+      atomicMax(&rows_key_end, static_cast<unsigned long long>(causal_end(p.causal, pos, T)));
+    }
+  }
+  // Padded query rows and empty slots load as zeros: their (unused) logits
+  // stay finite.
+  load_query_tile<D, kThreads>(Qs, LDD, q_bh, t0, BQ, n_rows, T, d, positions_b, mask_row);
   // A CTA whose queries are all padding skips both passes; its rows are then
   // written as invalid below (kappa 0, lse -inf, stats 0).
   const bool any_real = __syncthreads_or(query_real);
-  // The block's last query t0 + BQ - 1 sees keys s <= t0 + BQ - 1 - diag.
+  // Without a row set the block's last query t0 + BQ - 1 sees keys
+  // s <= t0 + BQ - 1 - diag.
   const int64_t key_end =
-      !any_real ? 0 : (p.causal != 0 ? min(T, t0 + BQ - causal_diag(p.causal)) : T);
+      !any_real                ? 0
+      : positions_b != nullptr ? static_cast<int64_t>(rows_key_end)
+                               : (p.causal != 0 ? min(T, t0 + BQ - causal_diag(p.causal)) : T);
   const int n_kblocks = static_cast<int>((key_end + BK - 1) / BK);
 
   const in_t* Q_warp = Qs + 16 * warp * LDD;
@@ -145,7 +165,7 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
     }
   };
   auto allowed = [&](int j, int64_t s) {
-    return t < T && key_ok[j] != 0 && causally_allowed(p.causal, s, t);
+    return row_in_range && key_ok[j] != 0 && causally_allowed(p.causal, s, pos);
   };
 
   // ---- pass 1: row max and sum of exp (online), hence lse ----
@@ -255,7 +275,7 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
   // kappa = c (sum alpha gc - <kbar - mu_k, wbar - mu_w>): both terms are
   // O(var), not O(mean^2).
   acc_t kw = 0;
-  acc_t* stats_row = p.stats + (bh * T + t) * 2 * d;
+  acc_t* stats_row = p.stats + (bh * n_rows + t) * 2 * d;
   const acc_t* mu_bh = p.mu + bh * 2 * d;
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) {
@@ -269,7 +289,7 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
       const acc_t wb_v = valid ? wbar[i] * inv : acc_t(0);
       if (col < d) {
         if (valid) kw += (kb_v - mu_bh[col]) * (wb_v - mu_bh[d + col]);
-        if (t < T) {
+        if (t < n_rows) {
           stats_row[col] = kb_v;
           stats_row[d + col] = wb_v;
         }
@@ -277,14 +297,17 @@ __global__ void __launch_bounds__(ForwardConfig<in_t, D>::kThreads)
     }
   }
   kw += shfl_xor(kw, 1);
-  if (half == 0 && t < T) {
-    p.kappa[bh * T + t] = valid ? p.scale * (g_sum * inv - kw) : acc_t(0);
-    p.lse[bh * T + t] = row_lse;
+  if (half == 0 && t < n_rows) {
+    p.kappa[bh * n_rows + t] = valid ? p.scale * (g_sum * inv - kw) : acc_t(0);
+    p.lse[bh * n_rows + t] = row_lse;
   }
 }
 
-// One warp per row: gc = <k - mu_k, w - mu_w>, and for the backward hbar and
-// beta * c (contract: prepare_rows in kernel_common.cuh).
+// One warp per row (contract: prepare_rows in kernel_common.cuh). Rows are
+// key rows ([B, H, T]: gc from k, w) or query rows ([B, H, R]: hbar and
+// beta * c from the saved state), or both when they coincide (no row set);
+// gc == nullptr skips the first part, stats == nullptr the second.
+// rows_per_head: T or R, to find the row's (b, h).
 template <typename in_t>
 __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restrict__ w,
                                 const typename Traits<in_t>::acc_t* __restrict__ mu,
@@ -292,20 +315,25 @@ __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restri
                                 const typename Traits<in_t>::acc_t* __restrict__ kappa,
                                 const typename Traits<in_t>::acc_t* __restrict__ lse,
                                 const typename Traits<in_t>::acc_t* __restrict__ beta,
+                                const int64_t* __restrict__ positions,
+                                const bool* __restrict__ mask,
                                 typename Traits<in_t>::acc_t* __restrict__ gc,
                                 typename Traits<in_t>::acc_t* __restrict__ hbar,
                                 typename Traits<in_t>::acc_t* __restrict__ beta_c, int64_t rows,
-                                int64_t T, int d, typename Traits<in_t>::acc_t scale) {
+                                int64_t rows_per_head, int64_t T, int H, int d,
+                                typename Traits<in_t>::acc_t scale) {
   using acc_t = typename Traits<in_t>::acc_t;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // uniform per warp
-  const int64_t bh = row / T;
+  const int64_t bh = row / rows_per_head;
   const acc_t* mu_k = mu + bh * 2 * d;
   const acc_t* mu_w = mu_k + d;
   acc_t gdot = 0, corr = 0;
   for (int c = lane; c < d; c += 32) {
-    gdot += (to_acc(k[row * d + c]) - mu_k[c]) * (to_acc(w[row * d + c]) - mu_w[c]);
+    if (gc != nullptr) {
+      gdot += (to_acc(k[row * d + c]) - mu_k[c]) * (to_acc(w[row * d + c]) - mu_w[c]);
+    }
     if (stats != nullptr) {
       const acc_t kb = stats[row * 2 * d + c], wb = stats[row * 2 * d + d + c];
       const acc_t kbc = kb - mu_k[c], wbc = wb - mu_w[c];
@@ -320,12 +348,20 @@ __global__ void row_prep_kernel(const in_t* __restrict__ k, const in_t* __restri
     corr += shfl_xor(corr, offset);
   }
   if (lane != 0) return;
-  gc[row] = gdot;
+  if (gc != nullptr) gc[row] = gdot;
   if (stats != nullptr) {
     hbar[row] = kappa[row] / scale + corr;
     // Invalid rows have lse = -inf. NaN beta and NaN lse (a valid row with
-    // NaN/inf inputs) stay "active" so they propagate as on CPU.
-    const bool active = lse[row] != -std::numeric_limits<acc_t>::infinity() && beta[row] != acc_t(0);
+    // NaN/inf inputs) stay "active" so they propagate as on CPU. With a row
+    // set, a row that is no query is inactive whatever state it was given: the
+    // kernels then never read through its position.
+    bool active = lse[row] != -std::numeric_limits<acc_t>::infinity() && beta[row] != acc_t(0);
+    if (positions != nullptr) {
+      const int64_t b = bh / H, r = row % rows_per_head;
+      active = active && row_is_query(positions + b * rows_per_head,
+                                      mask != nullptr ? mask + b * T : nullptr, r,
+                                      rows_per_head, T);
+    }
     beta_c[row] = active ? beta[row] * scale : acc_t(0);
   }
 }
@@ -335,7 +371,7 @@ void launch_forward(const KappaProblem& pr, const at::Tensor& g, const at::Tenso
                     KappaState& out) {
   using Cfg = ForwardConfig<in_t, D>;
   using acc_t = typename Cfg::acc_t;
-  const int64_t B = pr.B(), H = pr.H(), T = pr.T();
+  const int64_t B = pr.B(), H = pr.H(), T = pr.T();  // T keys; pr.R() query rows
   ForwardParams<in_t> p;
   p.q = reinterpret_cast<const in_t*>(pr.q.const_data_ptr());
   p.k = reinterpret_cast<const in_t*>(pr.k.const_data_ptr());
@@ -343,13 +379,15 @@ void launch_forward(const KappaProblem& pr, const at::Tensor& g, const at::Tenso
   p.g = g.const_data_ptr<acc_t>();
   p.mu = mu.const_data_ptr<acc_t>();
   p.mask = pr.mask_ptr();
+  p.positions = pr.positions_ptr();
   p.kappa = out.kappa.data_ptr<acc_t>();
   p.lse = out.lse.data_ptr<acc_t>();
   p.stats = out.stats.data_ptr<acc_t>();
   p.T = T;
+  p.n_rows = pr.R();
   p.H = static_cast<int>(H);
   p.d = static_cast<int>(pr.d());
-  p.n_qblocks = static_cast<int>((T + Cfg::BQ - 1) / Cfg::BQ);
+  p.n_qblocks = static_cast<int>((p.n_rows + Cfg::BQ - 1) / Cfg::BQ);
   p.scale = static_cast<acc_t>(pr.scale);
   p.causal = static_cast<int>(pr.causal);
   const int64_t blocks = B * H * p.n_qblocks;
@@ -410,26 +448,38 @@ at::Tensor key_value_means(const KappaProblem& pr) {
 
 void prepare_rows(const KappaProblem& pr, const at::Tensor& mu, const KappaState* state,
                   const at::Tensor& beta, at::Tensor& gc, at::Tensor& hbar, at::Tensor& beta_c) {
-  const int64_t rows = pr.B() * pr.H() * pr.T();
-  if (rows == 0) return;
   constexpr int kWarpsPerBlock = 8;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many rows: ", rows);
+  const bool backward = state != nullptr;
+  // Key rows and query rows in one launch when they coincide (no row set),
+  // as before row sets existed; else one launch each.
+  const bool fused = !pr.has_row_set();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.q.scalar_type(), "row_prep", [&] {
     using in_t = typename NativeType<scalar_t>::type;
     using acc_t = typename Traits<in_t>::acc_t;
-    const bool backward = state != nullptr;
-    row_prep_kernel<in_t><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, 0,
-                            at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const in_t*>(pr.k.const_data_ptr()),
-        reinterpret_cast<const in_t*>(pr.w.const_data_ptr()), mu.const_data_ptr<acc_t>(),
-        backward ? state->stats.const_data_ptr<acc_t>() : nullptr,
-        backward ? state->kappa.const_data_ptr<acc_t>() : nullptr,
-        backward ? state->lse.const_data_ptr<acc_t>() : nullptr,
-        backward ? beta.const_data_ptr<acc_t>() : nullptr, gc.data_ptr<acc_t>(),
-        backward ? hbar.data_ptr<acc_t>() : nullptr, backward ? beta_c.data_ptr<acc_t>() : nullptr,
-        rows, pr.T(), static_cast<int>(pr.d()), static_cast<acc_t>(pr.scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto run = [&](bool keys, bool queries, int64_t rows_per_head) {
+      const int64_t rows = pr.B() * pr.H() * rows_per_head;
+      if (rows == 0) return;
+      const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many rows: ", rows);
+      row_prep_kernel<in_t><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+          reinterpret_cast<const in_t*>(pr.k.const_data_ptr()),
+          reinterpret_cast<const in_t*>(pr.w.const_data_ptr()), mu.const_data_ptr<acc_t>(),
+          queries ? state->stats.const_data_ptr<acc_t>() : nullptr,
+          queries ? state->kappa.const_data_ptr<acc_t>() : nullptr,
+          queries ? state->lse.const_data_ptr<acc_t>() : nullptr,
+          queries ? beta.const_data_ptr<acc_t>() : nullptr, pr.positions_ptr(), pr.mask_ptr(),
+          keys ? gc.data_ptr<acc_t>() : nullptr, queries ? hbar.data_ptr<acc_t>() : nullptr,
+          queries ? beta_c.data_ptr<acc_t>() : nullptr, rows, rows_per_head, pr.T(),
+          static_cast<int>(pr.H()), static_cast<int>(pr.d()), static_cast<acc_t>(pr.scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (fused || !backward) {
+      run(/*keys=*/true, /*queries=*/backward, pr.T());
+    } else {
+      run(/*keys=*/true, /*queries=*/false, pr.T());
+      run(/*keys=*/false, /*queries=*/true, pr.R());
+    }
   });
 }
 
@@ -440,11 +490,12 @@ KappaState kappa_forward_cuda(const KappaProblem& problem) {
   const c10::cuda::CUDAGuard device_guard(problem.q.device());
   cuda::check_core_inputs(problem.q);
   const int64_t B = problem.B(), H = problem.H(), T = problem.T(), d = problem.d();
+  const int64_t R = problem.R();  // query rows (T without a row set)
   const auto opts = problem.q.options().dtype(accumulation_dtype(problem.q.scalar_type()));
   // The kernel writes every element, valid or not: no fill needed.
-  KappaState out{at::empty({B, H, T}, opts), at::empty({B, H, T}, opts),
-                 at::empty({B, H, T, 2 * d}, opts)};
-  if (B * H * T == 0) return out;
+  KappaState out{at::empty({B, H, R}, opts), at::empty({B, H, R}, opts),
+                 at::empty({B, H, R, 2 * d}, opts)};
+  if (B * H * R == 0) return out;
   const at::Tensor mu = cuda::key_value_means(problem);
   at::Tensor g = at::empty({B, H, T}, opts);
   at::Tensor unused;

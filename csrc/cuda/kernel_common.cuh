@@ -295,6 +295,47 @@ __host__ __device__ __forceinline__ int64_t causal_diag(int causal) { return cau
 __device__ __forceinline__ bool causally_allowed(int causal, int64_t s, int64_t t) {
   return causal == 0 || s + causal_diag(causal) <= t;
 }
+// Keys s < causal_end(causal, t, T) may be allowed for a query at position t.
+__device__ __forceinline__ int64_t causal_end(int causal, int64_t t, int64_t T) {
+  return causal == 0 ? T : min(T, t + 1 - causal_diag(causal));
+}
+
+// ---------------------------------------------------------------------------
+// Row sets (KappaProblem::query_positions). positions_b is one sequence's row
+// set ([n_rows] int64) or nullptr, when row r is position r. A position
+// outside [0, T) is an empty slot: the host does not check the values (that
+// would cost a device sync), so every read through a position is guarded here.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ int64_t query_position(const int64_t* positions_b, int64_t r) {
+  return positions_b == nullptr ? r : positions_b[r];
+}
+// Row r holds a query: r < n_rows, its position is in [0, T) and a real token.
+__device__ __forceinline__ bool row_is_query(const int64_t* positions_b, const bool* mask_row,
+                                             int64_t r, int64_t n_rows, int64_t T) {
+  if (r >= n_rows) return false;
+  const int64_t pos = query_position(positions_b, r);
+  return pos >= 0 && pos < T && (mask_row == nullptr || mask_row[pos]);
+}
+
+// load_tile for query rows: row r of src ([n_rows, d]) is copied when it holds
+// a query (row_is_query), else zero, so a padded position or an empty slot
+// with NaN/inf contents cannot reach a product. Without a row set this is
+// load_tile's predicate (r < T and a real token).
+template <int D, int kThreads, typename dst_t, typename src_t>
+__device__ __forceinline__ void load_query_tile(dst_t* dst, int ld, const src_t* src, int64_t row0,
+                                                int rows, int64_t n_rows, int64_t T, int d,
+                                                const int64_t* positions_b,
+                                                const bool* mask_row) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int r = idx / D, c = idx % D;
+    const int64_t row = row0 + r;
+    dst_t value = Cast<dst_t>::from(0.0f);
+    if (c < d && row_is_query(positions_b, mask_row, row, n_rows, T)) {
+      value = Cast<dst_t>::from(src[row * d + c]);
+    }
+    dst[r * ld + c] = value;
+  }
+}
 
 // A power of two p with m * p in [0.5, 1) (m > 0, finite), else 1; exact, so
 // scaling by p and by 1 / p (pow2_inverse) changes no rounding but fp16's
@@ -325,16 +366,18 @@ __device__ __forceinline__ double pow2(double, int e) { return ldexp(1.0, e); }
 // token.
 at::Tensor key_value_means(const KappaProblem& problem);
 
-// One warp per row of [B, H, T]:
-//   gc[b,h,s] = <k_s - mu_k, w_s - mu_w>                        (always)
-// and, when state is given (backward), with kbarc = kbar - mu_k, wbarc =
+// One warp per row:
+//   gc[b,h,s] = <k_s - mu_k, w_s - mu_w>        (every key row of [B, H, T])
+// and, when state is given (backward), for every query row of [B, H, R],
+// with kbarc = kbar - mu_k, wbarc =
 // wbar - mu_w and r() the rounding to the input dtype that the kernels apply
 // to their bar tiles:
 //   hbar[b,h,t]   = kappa_t / c + <kbarc, wbarc> - <kbar, r(wbarc)> - <r(kbarc), wbar>
 //                 = sum_s alpha_ts (gc_s - <k_s, r(wbarc_t)> - <r(kbarc_t), w_s>),
 //     i.e. the alpha-mean of exactly the h the kernels form from the rounded
 //     tiles, so h - hbar has no rounding mismatch;
-//   beta_c[b,h,t] = beta_t * c at active rows (lse != -inf, beta != 0), else 0
+//   beta_c[b,h,t] = beta_t * c at active rows (lse != -inf, beta != 0 and,
+//     with a row set, a query: position in [0, T), real token), else 0
 //     (NaN beta and NaN lse stay active and propagate).
 void prepare_rows(const KappaProblem& problem, const at::Tensor& mu, const KappaState* state,
                   const at::Tensor& beta, at::Tensor& gc, at::Tensor& hbar,

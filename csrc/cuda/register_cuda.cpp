@@ -15,9 +15,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_cuda(
     c10::string_view causal, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& query_positions) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(!query_positions.has_value(),
-                              "barrier_ops.kappa: query_positions is not implemented by the CUDA "
-                              "kernels of this build yet");
   return kappa_with(&kappa_forward_cuda, q, k, w, scale, causal, key_padding_mask,
                     query_positions);
 }
@@ -28,9 +25,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kappa_backward_cuda_op(
     const at::Tensor& kappa, const at::Tensor& lse, const at::Tensor& stats,
     const std::optional<at::Tensor>& query_positions) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(!query_positions.has_value(),
-                              "barrier_ops.kappa_backward: query_positions is not implemented by "
-                              "the CUDA kernels of this build yet");
   return kappa_backward_with(&kappa_backward_cuda, grad_kappa, q, k, w, scale, causal,
                              key_padding_mask, kappa, lse, stats, query_positions);
 }
