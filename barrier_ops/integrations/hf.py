@@ -353,7 +353,10 @@ class BarrierStatsCallback(TrainerCallback):
 
     ``barrier/penalty`` is the barrier before the weight: negative whenever
     the margins are above 1 under the paper's ``-log m`` (see
-    :class:`~barrier_ops.integrations.BarrierStats`).
+    :class:`~barrier_ops.integrations.BarrierStats`). With
+    ``attach(query_fraction=f < 1)`` the values come from the query rows drawn
+    in each step: the penalty is the unbiased estimate that trained the model,
+    the margin statistics and support positions describe the drawn rows.
 
     Reporting callbacks (TensorBoard, W&B, ...) see the values only if this
     callback runs before them: use :func:`add_stats_callback`, which puts it
