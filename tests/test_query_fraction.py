@@ -436,27 +436,32 @@ def _gpt2_batch(B=3, T=12):
     return idx, mask
 
 
-def test_attach_hf_gpt2_estimates_the_full_term():
+@pytest.mark.parametrize("num_items", [None, "tensor"])
+def test_attach_hf_gpt2_estimates_the_full_term(num_items):
+    """Mean over 200 sampled forwards vs the full term (per-layer "mean", or the sum over
+    num_items_in_batch as Trainer normalises)."""
     pytest.importorskip("transformers")
     from _integration_helpers import tiny_gpt2
 
     idx, mask = _gpt2_batch()
+    extra = {} if num_items is None else {"num_items_in_batch": mask[:, 1:].sum()}
     model = tiny_gpt2()
     model.train()
     handle = barrier_ops.attach(model, 0.5, query_fraction=0.3, target_margin=1.2)
     assert handle.query_fraction == 0.3 and handle.options.query_fraction == 0.3
     terms = []
     torch.manual_seed(0)
-    for _ in range(300):
-        out = model(input_ids=idx, attention_mask=mask, labels=idx)
+    for _ in range(200):
+        out = model(input_ids=idx, attention_mask=mask, labels=idx, **extra)
         terms.append(handle.stats.loss_term)
         for name, value in handle.stats.tensors().items():
             assert not torch.isnan(value).any(), f"{name} logged as NaN"
         assert torch.isfinite(out.loss)
     terms = torch.stack(terms)
     handle.query_fraction = 1.0
-    model(input_ids=idx, attention_mask=mask, labels=idx)
+    model(input_ids=idx, attention_mask=mask, labels=idx, **extra)
     full = handle.stats.loss_term
+    assert handle.stats.normalization == ("mean" if num_items is None else "num_items_in_batch")
     assert terms.std() > 0, "the sampled term varies between forwards"
     assert_unbiased(terms[:, None], full.reshape(1), "attach term")
     with pytest.raises(ValueError, match="query_fraction"):
