@@ -23,6 +23,17 @@ time over the attention yardstick's next to the FLOP ratio of the two.
     python benchmarks/bench_cpu.py --T 512 1024 --impls fused sdpa --repeats 5
     python benchmarks/bench_cpu.py --threads 1 --impls fused sdpa attention --no-memory \
         --T 512 1024 2048 4096 8192 --out benchmarks/results/cpu_roofline_1thread.json
+
+With --query-fractions it times instead the fused kappa core alone
+(torch.ops.barrier_ops.kappa forward, then kappa_backward) on a row set of
+ceil(f T) query rows drawn uniformly without replacement and sorted (as the
+sampled barrier draws them), for each fraction f, against f = 1 (no row set,
+the full problem). Float32, causal; the fractions take turns within each
+repeat and the minimum over repeats is kept (a shared machine's noise only
+ever adds time):
+
+    python benchmarks/bench_cpu.py --threads 1 --T 1024 2048 4096 --repeats 7 \
+        --query-fractions 1 0.25 0.125 0.0625
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -181,6 +193,106 @@ def time_impls(impls, shape, repeats):
     return results
 
 
+def query_fraction_problem(B, H, T, d, fraction, seed=0):
+    """Arguments of kappa and kappa_backward for ceil(fraction T) sorted rows drawn without replacement.
+
+    fraction = 1 is the full problem without a row set (R = T), the path the
+    sampled barrier takes at f = 1.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d, generator=gen)
+    k = torch.randn(B, H, T, d, generator=gen)
+    w = 0.3 * torch.randn(B, H, T, d, generator=gen)
+    positions = None
+    if fraction < 1:
+        R = math.ceil(fraction * T)
+        positions = torch.stack([torch.randperm(T, generator=gen)[:R].sort().values
+                                 for _ in range(B)])
+        q = torch.gather(q, 2, positions.view(B, 1, R, 1).expand(B, H, R, d)).contiguous()
+    beta = 1e-3 * torch.randn(q.shape[:3], generator=gen)
+    return q, k, w, positions, beta
+
+
+def time_query_fractions(B, H, T, d, fractions, repeats):
+    """Minimum seconds of the kappa forward and forward+backward per fraction, interleaved."""
+    import barrier_ops  # noqa: F401  (loads the compiled ops)
+
+    ops = torch.ops.barrier_ops
+    scale = d ** -0.5
+    problems = {f: query_fraction_problem(B, H, T, d, f) for f in fractions}
+
+    def forward(f):
+        q, k, w, positions, _ = problems[f]
+        return ops.kappa.default(q, k, w, scale, "inclusive", None, positions)
+
+    def forward_backward(f):
+        q, k, w, positions, beta = problems[f]
+        kappa, lse, stats = ops.kappa.default(q, k, w, scale, "inclusive", None, positions)
+        ops.kappa_backward.default(beta, q, k, w, scale, "inclusive", None, kappa, lse, stats,
+                                   positions)
+
+    samples = {f: {"forward_s": [], "fwd_bwd_s": []} for f in fractions}
+    for f in fractions:  # warm-up
+        forward_backward(f)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for f in fractions:
+                for key, fn in (("forward_s", forward), ("fwd_bwd_s", forward_backward)):
+                    t0 = time.perf_counter()
+                    fn(f)
+                    samples[f][key].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {f: {"R": problems[f][0].shape[2], **{k: min(v) for k, v in samples[f].items()},
+                "samples": samples[f]} for f in fractions}
+
+
+def query_fraction_main(args):
+    fractions = sorted(set(args.query_fractions), reverse=True)
+    if fractions[0] != 1:
+        fractions.insert(0, 1.0)  # the reference every ratio is taken to
+    if not all(0 < f <= 1 for f in fractions):
+        raise SystemExit("--query-fractions must lie in (0, 1]")
+    device = f"{_cpu_model()} ({args.threads} threads), torch {torch.__version__}"
+    rows = []
+    for T in args.T:
+        timings = time_query_fractions(args.B, args.H, T, args.d, fractions, args.repeats)
+        full = timings[fractions[0]]
+        for f in fractions:
+            t = timings[f]
+            row = {"T": T, "B": args.B, "H": args.H, "d": args.d, "fraction": f, "R": t["R"],
+                   "forward_s": t["forward_s"], "fwd_bwd_s": t["fwd_bwd_s"],
+                   "forward_ratio": t["forward_s"] / full["forward_s"],
+                   "fwd_bwd_ratio": t["fwd_bwd_s"] / full["fwd_bwd_s"],
+                   "samples": t["samples"]}
+            rows.append(row)
+            print(f"  T={T} f={f:g}: fwd+bwd {t['fwd_bwd_s'] * 1e3:.1f} ms "
+                  f"({row['fwd_bwd_ratio']:.3f} of f=1)", file=sys.stderr, flush=True)
+    header = (f"{'T':>6} | {'f':>7} | {'R':>5} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | "
+              f"{'fwd / f=1':>9} | {'fwd+bwd / f=1':>13}")
+    lines = [f"fused kappa core with a row set (ceil(f T) sorted rows), B={args.B} H={args.H} "
+             f"d={args.d} float32, causal, min of {args.repeats} interleaved repeats; {device}",
+             header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['T']:>6} | {row['fraction']:>7.4g} | {row['R']:>5} | "
+                     f"{row['forward_s'] * 1e3:>8.2f} | {row['fwd_bwd_s'] * 1e3:>10.2f} | "
+                     f"{row['forward_ratio']:>9.3f} | {row['fwd_bwd_ratio']:>13.3f}")
+    lines.append("f = 1 is the full problem without a row set; ratios are times over its time "
+                 "at the same T.")
+    print("\n".join(lines))
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "cpu_query_fraction.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"device": device, "cpu_model": _cpu_model(), "threads": args.threads,
+                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                   "rows": rows, "table": lines}, f, indent=2)
+    print(f"wrote {out}")
+
+
 def _status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -288,7 +400,12 @@ def main():
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
                    help="implementations to run (fused is always included: the ratios are to it)")
     p.add_argument("--quick", action="store_true", help="T = 256 512, no compile, 2 repeats")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/cpu.json, or "
+                        "cpu_query_fraction.json with --query-fractions)")
+    p.add_argument("--query-fractions", type=float, nargs="+", default=None, metavar="F",
+                   help="time the fused kappa core at these query fractions against f = 1 "
+                        "(float32, causal) instead of the implementations")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory subprocesses (roofline runs: time only)")
     p.add_argument("--child-memory", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
@@ -300,6 +417,11 @@ def main():
         memory_child(impl, tuple(int(x) for x in shape.split(",")))
         return
 
+    if args.query_fractions:
+        query_fraction_main(args)
+        return
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(__file__), "results", "cpu.json")
     if args.quick:
         args.T, args.no_compile, args.repeats = [256, 512], True, 2
     impls = [i for i in IMPLS if (i in args.impls or i == "fused")
