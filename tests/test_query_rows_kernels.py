@@ -432,3 +432,28 @@ def test_cuda_low_precision_sorted_rows_with_large_mean_keys_and_real_gradient_s
     positions = _positions(B, T, R, seed=4, empty=5, sort=True, device="cuda")
     _check_against_reference_cuda(q, k, w, d ** -0.5, "inclusive", mask, positions,
                                   grad_scale=1e-7)
+
+
+def test_row_set_results_do_not_depend_on_the_thread_count():
+    # Each forward task owns a block of rows, each backward task a (b, h): the
+    # thread count must not change a bit, with rows unsorted and repeated.
+    B, H, T, d, R = 2, 3, 260, 16, 150
+    q, k, w, mask = _inputs(B, H, T, d, R, torch.float32, seed=21, masked=True)
+    positions = _positions(B, T, R, seed=21, empty=9)
+    beta = torch.randn(B, H, R, generator=torch.Generator().manual_seed(2))
+
+    def run(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = OPS.kappa.default(q, k, w, 0.3, "inclusive", mask, positions)
+            grads = OPS.kappa_backward.default(beta, q, k, w, 0.3, "inclusive", mask, *out,
+                                               positions)
+            return [*out, *grads]
+        finally:
+            torch.set_num_threads(previous)
+
+    serial = run(1)
+    for threads in (2, 4):
+        for a, b in zip(serial, run(threads)):
+            assert torch.equal(a, b), f"{threads} threads differ from 1 thread"
