@@ -96,9 +96,9 @@ at::Tensor queries_in(const KappaProblem& problem, at::ScalarType acc) {
 // Keys s < row_key_end(causal, pos, T) may be allowed for a row at position
 // pos (before the padding mask); an empty slot (pos < 0) gets 0, so it never
 // extends a block's key range. A padded position keeps its causal end, as
-// without a row set: the row set 0..T-1 then gives today's key ranges, hence
-// today's GEMM shapes and bit-identical results (a sampler draws no padded
-// position, so nothing is lost).
+// without a row set: the row set 0..T-1 then gives the key ranges, hence the
+// GEMM shapes and the bits, of the problem without a row set (a sampler draws
+// no padded position, so nothing is lost).
 inline int64_t row_key_end(CausalMode causal, int64_t pos, int64_t T) {
   return pos < 0 ? 0 : causal_key_end(causal, pos, T);
 }
@@ -515,7 +515,8 @@ void backward_head(const HeadBackward<scalar_t>& head, BackwardScratch<scalar_t>
       scratch.active[i] = active;
       any_active = any_active || active;
       // Every row but an empty slot counts, active or not, as in the forward
-      // (so the row set 0..T-1 keeps today's key ranges); rows in any order.
+      // (so the row set 0..T-1 keeps the key ranges of no row set); rows in
+      // any order.
       scratch.row_end[i] = row_key_end(causal, pos, T);
       key_end = std::max(key_end, scratch.row_end[i]);
       scalar_t kw = 0;
