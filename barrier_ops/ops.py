@@ -476,7 +476,8 @@ def margin_barrier_loss(
             penalty at the drawn positions and 0 elsewhere.
         generator: the ``torch.Generator`` the rows are drawn from (on q's
             device); None uses torch's global generator (reproducible under
-            ``torch.manual_seed``; the one to use under torch.compile).
+            ``torch.manual_seed``). Under torch.compile use the global one:
+            dynamo does not trace a generator (fullgraph=True raises).
             Checked, but unused, when ``query_fraction == 1``.
 
     Returns:
