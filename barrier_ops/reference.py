@@ -149,8 +149,15 @@ def margin_barrier_loss_reference(
     eps: float = 1e-2,
     target_margin: Optional[float] = None,
     reduction: str = "mean",
+    query_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of :func:`barrier_ops.margin_barrier_loss` (barrier from :mod:`barrier_ops.barriers`)."""
+    """Reference of :func:`barrier_ops.margin_barrier_loss` (barrier from :mod:`barrier_ops.barriers`).
+
+    ``query_positions`` ([B, R] int64, -1 = empty slot): the sampled estimate for
+    that row set (docs/sampling.md), computed from every row's penalty and slot
+    counts in plain loops: a position held by c valid slots of sequence b counts
+    c times, weighted by n_b / (number of valid slots of b).
+    """
     key_padding_mask = _checks.as_bool_mask(key_padding_mask)
     eps = _checks.check_eps_for_dtype(eps, q.dtype)
     target_margin = _checks.check_target_margin(target_margin, eps)
@@ -165,12 +172,21 @@ def margin_barrier_loss_reference(
         margins = 1.0 - kappa
         valid_b = valid.unsqueeze(1).expand_as(margins)
     penalty = torch.where(valid_b, barrier(margins, eps, target_margin), torch.zeros_like(margins))
+    count = valid_b.sum()
+    if query_positions is not None:
+        B, T = valid.shape
+        weights = torch.zeros(B, T, dtype=penalty.dtype)
+        for b in range(B):
+            slots = [int(t) for t in query_positions[b].tolist() if 0 <= t < T and bool(valid[b, t])]
+            for t in slots:
+                weights[b, t] += float(valid[b].sum()) / len(slots)
+        weights = weights.to(penalty.device)
+        penalty = penalty * (weights if combine_heads else weights.unsqueeze(1))
     if reduction == "none":
         return penalty
     total = penalty.sum()
     if reduction == "sum":
         return total
-    count = valid_b.sum()
     return total / count.clamp(min=1).to(total.dtype)
 
 
