@@ -58,9 +58,9 @@ TORCH_NAMES_CHECKED = {
 # Names called as members (x.name(...), x->name(...)): tensor methods and the like,
 # each found in torch 2.11.0's headers or declared in csrc/ itself.
 MEMBER_CALLS_CHECKED = {
-    "B", "H", "T", "abs", "addmm_", "amax", "begin", "clamp_min_", "const_data_ptr", "contiguous",
+    "B", "H", "R", "T", "abs", "addmm_", "amax", "begin", "clamp_min_", "const_data_ptr", "contiguous",
     "d", "data", "data_ptr", "def", "defined", "device", "dim", "div_", "dtype", "end", "has_value",
-    "impl", "logical_not", "mask_ptr", "masked_fill", "mul_", "narrow", "options", "scalar_type",
+    "impl", "logical_not", "has_row_set", "mask_ptr", "masked_fill", "mul_", "narrow", "options", "positions_ptr", "scalar_type",
     "select", "size", "sizes", "slice", "sum", "t", "take", "to", "view",
 }
 
