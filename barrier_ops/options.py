@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
 
 from . import _checks
 
