@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-
 from . import _checks
 
 __all__ = ["BarrierOptions", "check_query_fraction", "ceil_fraction"]
