@@ -17,7 +17,7 @@
 #   GPU_CHECK_TOTAL_S          450  wall clock of the whole command
 #   GPU_CHECK_PREFLIGHT_S       30  Python.h, nvcc, ninja, pytest plugins, GPU visible (~5 s)
 #   GPU_CHECK_BUILD_S          180  pip install -e . for this GPU's arch only
-#   GPU_CHECK_TESTS_S          150  pytest tests/test_cuda.py (the whole session)
+#   GPU_CHECK_TESTS_S          150  pytest -m cuda on tests/test_cuda.py and test_query_rows_kernels.py (the whole session)
 #   GPU_CHECK_TEST_TIMEOUT_S    90  one test (pytest-timeout; without it, only the phase limit)
 #   GPU_CHECK_HARNESS_MIN_S     60  what the tests leave the harness at least
 #   GPU_CHECK_RESERVE_S         10  kept for writing the final report
@@ -27,7 +27,7 @@
 # Test hooks (tests/test_gpu_check.py simulates failures with them, without a GPU):
 #   GPU_CHECK_SIMULATE=1       no GPU needed: skip the GPU pre-flight, harness on CPU at smoke sizes
 #   GPU_CHECK_FAKE_BUILD_FAILURE=1   the build step fails at once instead of building
-#   GPU_CHECK_TESTS="paths"    test files instead of tests/test_cuda.py
+#   GPU_CHECK_TESTS="paths"    test files instead of the two above
 #   GPU_CHECK_FAKE_HARNESS_HANG_S=N  the harness hangs N s after its first row (gpu_check.py)
 set -u
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ TEST_TIMEOUT_S=${GPU_CHECK_TEST_TIMEOUT_S:-90}
 HARNESS_MIN_S=${GPU_CHECK_HARNESS_MIN_S:-60}
 RESERVE_S=${GPU_CHECK_RESERVE_S:-10}
 SIMULATE=${GPU_CHECK_SIMULATE:-0}
-TESTS=${GPU_CHECK_TESTS:-tests/test_cuda.py}
+TESTS=${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_query_rows_kernels.py}
 XDIST=${GPU_CHECK_XDIST:-4}
 
 elapsed() { echo $(( $(date +%s) - START )); }
