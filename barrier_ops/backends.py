@@ -5,10 +5,15 @@
   ``scaled_dot_product_attention`` (any device torch runs on).
 * ``"auto"``: :data:`AUTO` by device type, ``"sdpa"`` for devices not listed.
 
-Every backend is a function ``(q, k, w, scale, causal, key_padding_mask) ->
-kappa [B, H, T]`` with q, k, w one slice per query head and padded positions
-already zeroed; values at invalid positions may be anything finite (the
-caller masks them). To add a backend, add it to :data:`BACKENDS`.
+Every backend is a function ``(q, k, w, scale, causal, key_padding_mask,
+query_positions=None) -> kappa [B, H, R]`` with q, k, w one slice per query
+head and padded positions already zeroed; values at invalid positions may be
+anything finite (the caller masks them). Without a row set R = T and row r is
+position r. With one (``query_positions``, int64 [B, R]: a position in
+[0, T) per row, -1 for an empty slot; docs/sampling.md), q holds only those
+rows, [B, H, R, d], while k and w keep all T keys; causality compares a key's
+index with the row's position, and the work must be O(R T d). To add a
+backend, add it to :data:`BACKENDS`.
 """
 
 from __future__ import annotations
