@@ -66,6 +66,9 @@ def test_analysis_reads_equivalence_and_a_shift(tmp_path):
     assert summary["timing"]["full/ce"]["mean"] == pytest.approx(150 / 90)
     holm = [e["p_holm"] for e in summary["secondary"]]
     assert all(h >= e["p_sign_flip"] for h, e in zip(holm, summary["secondary"]))
+    runs_csv = (tmp_path / "out" / "runs.csv").read_text().splitlines()
+    assert runs_csv[0].startswith("arm,lambda,target_margin,query_fraction,seed,frac_below_m0")
+    assert len(runs_csv) == 1 + 20 and sum(line.startswith("q1_16,1.0,2.0,0.0625,") for line in runs_csv) == 5
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "| q1_16 | 5 |" in tables and "differs by more than the margin" in tables
 

@@ -222,14 +222,89 @@ def tables_md(summary: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_runs_csv(records: Dict[str, Dict[int, Dict]], path: str) -> None:
+    """One row per run: arm, its lambda_m / m0 / query_fraction, seed and the analysed quantities."""
+    import csv
+
+    rows = []
+    for arm in ARMS:
+        lam, m0, fraction = ARMS[arm]
+        for seed in sorted(records.get(arm, {})):
+            rows.append({"arm": arm, "lambda": lam, "target_margin": "" if m0 is None else m0,
+                         "query_fraction": fraction, "seed": seed, **records[arm][seed]})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write(root: str, out_dir: str) -> Dict:
-    summary = analyse(load_records(root))
+    records = load_records(root)
+    summary = analyse(records)
     os.makedirs(out_dir, exist_ok=True)
+    write_runs_csv(records, os.path.join(out_dir, "runs.csv"))
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
         f.write(tables_md(summary))
     return summary
+
+
+def step_times(cfg, steps: int = 20, rounds: int = 5, log=print) -> Dict[str, Dict]:
+    """Seconds per training step of each arm, interleaved in one process (not part of the pre-registration).
+
+    The runs' ``train_seconds`` come from processes that shared a loaded machine; this times the arms
+    in turn within each round, on one thread, with the experiment's model, batch and autocast, and keeps
+    each arm's fastest round (load only ever adds time).
+    """
+    import time
+
+    import torch
+
+    from .data import random_batch
+    from .evaluate import autocast_context
+    from .model import CharGPT
+    from .train import attach_barrier, get_data, make_optimizer, training_loss
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = get_data(cfg)
+        setups = {}
+        for arm in ARMS:
+            c = arm_config(cfg, arm, 0)
+            torch.manual_seed(0)
+            model = CharGPT(data.vocab.size, c.model)
+            attach_barrier(model, c.barrier, c.train.lam)
+            setups[arm] = (model.train(), make_optimizer(model, c.train), c.train.lam)
+        gen = torch.Generator().manual_seed(0)
+        batches = [random_batch(data.train, cfg.train.batch_size, cfg.model.block_size, gen) for _ in range(steps)]
+
+        def run(arm):
+            model, opt, lam = setups[arm]
+            t = time.perf_counter()
+            for x, y in batches:
+                with autocast_context(torch.device("cpu"), cfg.train.bf16):
+                    loss = training_loss(model(x, y), lam)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return (time.perf_counter() - t) / steps
+
+        for arm in ARMS:
+            run(arm)  # warm-up
+        times = {arm: [] for arm in ARMS}
+        for _ in range(rounds):
+            for arm in ARMS:
+                times[arm].append(run(arm))
+    finally:
+        torch.set_num_threads(previous)
+    best = {arm: min(v) for arm, v in times.items()}
+    out = {arm: {"seconds_per_step": best[arm], "vs_full": best[arm] / best["full"], "vs_ce": best[arm] / best["ce"],
+                 "rounds": times[arm]} for arm in ARMS}
+    for arm, r in out.items():
+        log(f"{arm}: {1e3 * r['seconds_per_step']:.2f} ms/step, {r['vs_full']:.3f} x full, {r['vs_ce']:.3f} x CE")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -243,7 +318,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = sub.add_parser("analyse", help="the pre-registered analysis of the finished runs")
     a.add_argument("--root", required=True)
     a.add_argument("--out", required=True)
+    st = sub.add_parser("steptime", help="seconds per training step of each arm, interleaved (descriptive)")
+    st.add_argument("--config", required=True)
+    st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--rounds", type=int, default=5)
+    st.add_argument("--out", default=None, help="also write the timings as JSON")
     args = p.parse_args(argv)
+    if args.command == "steptime":
+        from .config import load_config
+
+        timings = step_times(load_config(args.config, {}), args.steps, args.rounds)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(timings, f, indent=1)
+        return
     if args.command == "run":
         from .config import load_config
 
