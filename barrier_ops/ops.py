@@ -376,14 +376,6 @@ def token_margins(
     )
 
 
-# Whether this build's op schema takes a row set (csrc/schemas.cpp). Until it
-# does, a sampled call runs the same composite directly (eager and torch.compile
-# alike trace the Python implementation of a CompositeImplicitAutograd op).
-_OP_TAKES_ROWS = "query_positions" in {
-    a.name for a in _ops.margin_barrier_loss.default._schema.arguments
-}
-
-
 def _check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
     if generator is None:
         return
@@ -504,14 +496,11 @@ def _margin_barrier_loss(q, k, v, coupling, scale, key_padding_mask, options, ca
         options.backend,
     )
     _check_generator(generator, q.device)
-    direct = _under_grad_transform()
+    op = _margin_barrier_loss_impl if _under_grad_transform() else _ops.margin_barrier_loss.default
     if not options.sampled:
-        return (_margin_barrier_loss_impl if direct else _ops.margin_barrier_loss.default)(*args)
+        return op(*args)
     valid = valid_positions(q.shape[0], q.shape[2], causal, key_padding_mask, q.device)
-    rows = sample_query_positions(valid, options.query_fraction, generator)
-    if direct or not _OP_TAKES_ROWS:
-        return _margin_barrier_loss_impl(*args, rows)
-    return _ops.margin_barrier_loss.default(*args, rows)
+    return op(*args, sample_query_positions(valid, options.query_fraction, generator))
 
 
 def barrier_and_margins(
@@ -540,8 +529,6 @@ def barrier_and_margins(
     that were not drawn and 1.0 at invalid positions (as token_margins);
     :func:`support_token_argmin` skips NaN, so it searches the drawn rows.
     """
-    key_padding_mask = _checks.as_bool_mask(key_padding_mask)
-    _checks.check_attention_inputs(q, k, v, coupling, key_padding_mask)
     options = BarrierOptions(
         eps=eps, target_margin=target_margin, causal=causal, backend=backend,
         combine_heads=bool(combine_heads), query_fraction=query_fraction,

@@ -141,14 +141,8 @@ def main(argv=None):
     parser.add_argument("--bench-variants", action="store_true",
                         help="time the sdpa core with a row set and with each value split")
     args = parser.parse_args(argv)
-    if args.bench_variants:
-        timings = bench_variants()
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"torch": torch.__version__, "timings": timings}, f, indent=1)
-        return
-    if args.bench:
-        timings = bench()
+    if args.bench or args.bench_variants:
+        timings = bench_variants() if args.bench_variants else bench()
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"torch": torch.__version__, "timings": timings}, f, indent=1)

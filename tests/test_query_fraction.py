@@ -17,7 +17,6 @@ import torch
 
 import barrier_ops
 from barrier_ops.ops import (
-    _OP_TAKES_ROWS,
     _margin_barrier_loss_impl,
     barrier_and_margins,
     margin_barrier_loss,
@@ -325,7 +324,6 @@ def test_fixed_row_set_is_the_weighted_subset(backend):
     torch.testing.assert_close(est, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(not _OP_TAKES_ROWS, reason="the op schema has no query_positions in this build")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_with_a_row_set(backend):
     q, k, v, mask = make_inputs()

@@ -390,7 +390,7 @@ def test_the_reference_comparison_catches_a_10_percent_bf16_gradient_error(monke
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def off(query, key, value, **kw):
-        return _ScaleGrad.apply(sdpa(query, key, value, **kw))
+        return scale_grad(sdpa(query, key, value, **kw), 1.1)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", off)
     with pytest.raises(AssertionError, match="d[qkv]"):
@@ -399,12 +399,18 @@ def test_the_reference_comparison_catches_a_10_percent_bf16_gradient_error(monke
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, factor):
+        ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g * 1.1
+        return g * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x, whose gradient comes back multiplied by ``factor``: a planted gradient error."""
+    return _ScaleGrad.apply(x, factor)
 
 
 def test_positions_outside_the_sequence_are_empty_slots():

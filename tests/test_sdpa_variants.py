@@ -23,7 +23,7 @@ import torch
 
 from barrier_ops import _sdpa
 from _cases import assert_close
-from test_sdpa_rows import CAUSAL, DTYPES, gather_rows, problem, row_positions, valid_rows
+from test_sdpa_rows import CAUSAL, DTYPES, gather_rows, problem, row_positions, scale_grad, valid_rows
 from barrier_ops import reference as ref
 
 SPLITS = ["equal", "narrow"]
@@ -98,16 +98,6 @@ def test_split_with_d_64_and_a_sink_in_bf16(split, split_mode):
     assert_same(got, want, SPLIT_TOL[torch.bfloat16])
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 1.02
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 def test_the_split_comparison_catches_an_error_in_one_part(dtype, split_mode, monkeypatch):
     split_mode("whole")
@@ -119,7 +109,7 @@ def test_the_split_comparison_catches_an_error_in_one_part(dtype, split_mode, mo
     def second_part_off(query, key, value, **kw):
         calls.append(value.shape[-1])
         out = sdpa(query, key, value, **kw)
-        return _ScaleGrad.apply(out) if len(calls) == 2 else out
+        return scale_grad(out, 1.02) if len(calls) == 2 else out
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", second_part_off)
     got = kappa_and_grads(dtype, "inclusive", True, True)
